@@ -1,0 +1,62 @@
+# Thin wrapper over CMake/CTest. The real build is CMakeLists.txt.
+#
+#   make test            install missing Debian packages (ci/packages.txt),
+#                        configure with -Werror, build, run the whole suite
+#   make test-sanitize   the same under ASan+UBSan, in its own build tree
+#   make build           configure and build only
+#   make clean           remove both build trees
+#   make format          clang-format every tracked .c/.h file
+#
+# `make demo` is added with the client library; it does not exist yet.
+#
+# Overridable: BUILD_DIR, SANITIZE_BUILD_DIR, JOBS, CTEST_JOBS, CMAKE_ARGS,
+# CTEST_ARGS (e.g. CTEST_ARGS='-L unit'), SKIP_DEPS=1 (skip the package step).
+
+BUILD_DIR          ?= build
+SANITIZE_BUILD_DIR ?= build-asan
+JOBS               ?= $(shell nproc 2>/dev/null || echo 2)
+CTEST_JOBS         ?= 2
+CMAKE_ARGS         ?=
+CTEST_ARGS         ?=
+SKIP_DEPS          ?=
+
+DEPS  := ci/install-deps.sh
+comma := ,
+
+.DEFAULT_GOAL := test
+.PHONY: test test-sanitize build clean format deps
+
+# configure-and-build(dir, extra cmake args)
+define configure-and-build
+	cmake -S . -B $(1) -DSTEK_WERROR=ON $(2) $(CMAKE_ARGS)
+	cmake --build $(1) -j$(JOBS)
+endef
+
+# run-ctest(dir): ctest prints per-test times and a total; this adds wall time.
+define run-ctest
+	cd $(1) && t0=$$(date +%s) && rc=0 && \
+	  { ctest --output-on-failure -j$(CTEST_JOBS) $(CTEST_ARGS) || rc=$$?; } && \
+	  echo "== ctest in $(1): $$(( $$(date +%s) - t0 ))s, exit $$rc" && exit $$rc
+endef
+
+deps:
+ifeq ($(SKIP_DEPS),)
+	$(DEPS) --check || $(DEPS)
+endif
+
+build: deps
+	$(call configure-and-build,$(BUILD_DIR),-DSTEK_SANITIZE=)
+
+test: build
+	$(call run-ctest,$(BUILD_DIR))
+
+test-sanitize: deps
+	$(call configure-and-build,$(SANITIZE_BUILD_DIR),-DSTEK_SANITIZE=address$(comma)undefined)
+	$(call run-ctest,$(SANITIZE_BUILD_DIR))
+
+clean:
+	rm -rf $(BUILD_DIR) $(SANITIZE_BUILD_DIR)
+
+format:
+	@command -v clang-format >/dev/null || { echo "clang-format not found (apt-get install clang-format)" >&2; exit 1; }
+	git ls-files -z -- '*.c' '*.h' | xargs -0 -r clang-format -i
