@@ -40,10 +40,9 @@ void stek_host_eph_free(stek_host_eph *eph);
  * STEK_ERR_BAD_POINT for an invalid hsm_pub; STEK_ERR_INVALID_ARG for a bad
  * group or a NULL argument; STEK_ERR_CRYPTO when OpenSSL fails.
  */
-STEK_MUST_USE stek_status stek_host_kek_derive(const stek_host_eph *eph,
-                                               const uint8_t *hsm_pub, size_t hsm_pub_len,
-                                               const char *group, uint32_t generation,
-                                               stek_secret **kek);
+STEK_MUST_USE stek_status stek_host_kek_derive(const stek_host_eph *eph, const uint8_t *hsm_pub,
+                                               size_t hsm_pub_len, const char *group,
+                                               uint32_t generation, stek_secret **kek);
 
 /*
  * Unwraps one RFC 5649 blob (exactly STEK_WRAPPED_KEY_BYTES: profile 1

@@ -32,7 +32,8 @@
 #define STEK_TICKET_HMAC_BYTES 32
 #define STEK_TICKET_AES_BYTES 32
 /* Laid out name | hmac | aes, as OpenSSL and nginx use it. */
-#define STEK_TICKET_KEY_BYTES (STEK_TICKET_NAME_BYTES + STEK_TICKET_HMAC_BYTES + STEK_TICKET_AES_BYTES)
+#define STEK_TICKET_KEY_BYTES                                                                      \
+    (STEK_TICKET_NAME_BYTES + STEK_TICKET_HMAC_BYTES + STEK_TICKET_AES_BYTES)
 /* RFC 5649 output for an 80-byte key: one 8-byte integrity block more. */
 #define STEK_WRAPPED_KEY_BYTES (STEK_TICKET_KEY_BYTES + 8)
 #define STEK_GROUP_MAX_BYTES 64
