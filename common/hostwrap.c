@@ -6,6 +6,7 @@
 #include <openssl/core_names.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
+#include <openssl/hmac.h>
 #include <openssl/params.h>
 
 struct stek_host_eph {
@@ -207,4 +208,20 @@ done:
     EVP_CIPHER_CTX_free(ctx);
     stek_secret_free(out);
     return st;
+}
+
+stek_status stek_host_ticket_name(const stek_secret *key, uint8_t name[STEK_TICKET_NAME_BYTES])
+{
+    STEK_ENSURE_REF(key);
+    STEK_ENSURE_REF(name);
+    STEK_ENSURE(stek_secret_len(key) == STEK_TICKET_KEY_BYTES, STEK_ERR_INVALID_ARG);
+    uint8_t mac[EVP_MAX_MD_SIZE];
+    unsigned int len = 0;
+    static const char label[] = STEK_TICKET_NAME_LABEL;
+    if (HMAC(EVP_sha256(), stek_secret_cdata(key), (int)STEK_TICKET_KEY_BYTES,
+             (const unsigned char *)label, sizeof(label) - 1, mac, &len) == NULL ||
+        len < STEK_TICKET_NAME_BYTES)
+        STEK_BAIL(STEK_ERR_CRYPTO, "HMAC-SHA256 failed");
+    memcpy(name, mac, STEK_TICKET_NAME_BYTES);
+    return STEK_OK;
 }

@@ -55,4 +55,14 @@ STEK_MUST_USE stek_status stek_host_kek_derive(const stek_host_eph *eph, const u
 STEK_MUST_USE stek_status stek_host_unwrap(const stek_secret *kek, const uint8_t *blob,
                                            size_t blob_len, stek_secret **key);
 
+/*
+ * Computes a ticket key's name from its unwrapped 80 bytes:
+ * HMAC-SHA256(key, STEK_TICKET_NAME_LABEL)[0:16], the same value the HSM
+ * computes (stek_p11_ticket_names). Returns STEK_OK, STEK_ERR_INVALID_ARG for
+ * a NULL argument or a key that is not STEK_TICKET_KEY_BYTES long, or
+ * STEK_ERR_CRYPTO.
+ */
+STEK_MUST_USE stek_status stek_host_ticket_name(const stek_secret *key,
+                                                uint8_t name[STEK_TICKET_NAME_BYTES]);
+
 #endif

@@ -37,6 +37,8 @@
 /* RFC 5649 output for an 80-byte key: one 8-byte integrity block more. */
 #define STEK_WRAPPED_KEY_BYTES (STEK_TICKET_KEY_BYTES + 8)
 #define STEK_GROUP_MAX_BYTES 64
+/* The ticket key name is HMAC-SHA256(K, this)[0:16] (see stek_p11_ticket_names). */
+#define STEK_TICKET_NAME_LABEL "stek-name-v1"
 #define STEK_KEK_CONTEXT_LABEL "stek-kek-v1"
 
 /*

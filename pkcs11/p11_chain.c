@@ -551,3 +551,67 @@ stek_status stek_p11_ticket_check_value(stek_p11 *p11, const char *group, uint32
     }
     return p11_sess_done(&s, st);
 }
+
+/*
+ * Maps each epoch to its surviving ticket key with one listing of the
+ * generation (a listing costs a find plus one attribute read per key, so
+ * per-epoch lookups would be quadratic). *out is freed with free().
+ */
+stek_status p11_tickets_resolve(p11_sess *s, const char *group, uint32_t generation,
+                                const uint64_t *epochs, size_t n, CK_OBJECT_HANDLE **out)
+{
+    char label[STEK_P11_LABEL_MAX];
+    STEK_GUARD(p11_label(label, "ticket", group, generation));
+    *out = calloc(n ? n : 1, sizeof(**out));
+    STEK_ENSURE(*out != NULL, STEK_ERR_NOMEM);
+    stek_status st = STEK_OK;
+    for (int attempt = 0;; attempt++) {
+        p11_keyobj *keys = NULL;
+        size_t nk = 0;
+        STEK_GUARD(p11_keys_list(s, label, &keys, &nk));
+        st = STEK_OK;
+        for (size_t i = 0; i < n && st == STEK_OK; i++) {
+            size_t j = 0;
+            /* Sorted by CKA_ID: the first hit is the lowest, the survivor. */
+            while (j < nk && keys[j].epoch != epochs[i])
+                j++;
+            if (j == nk)
+                st = stek_error_set(STEK_ERR_NOT_FOUND, "no ticket key %s epoch %llu", label,
+                                    (unsigned long long)epochs[i]);
+            else
+                (*out)[i] = keys[j].h;
+        }
+        free(keys);
+        /* A racing writer on the same token can hide a key for a moment. */
+        if (st != STEK_ERR_NOT_FOUND || attempt >= 2 || !p11_token_present(s) ||
+            !p11_retry_backoff(attempt))
+            break;
+    }
+    return st;
+}
+
+stek_status stek_p11_ticket_names(stek_p11 *p11, const char *group, uint32_t generation,
+                                  const uint64_t *epochs, size_t n_epochs,
+                                  uint8_t (*names)[STEK_TICKET_NAME_BYTES])
+{
+    STEK_ENSURE_REF(p11);
+    STEK_ENSURE(n_epochs == 0 || (epochs != NULL && names != NULL), STEK_ERR_INVALID_ARG);
+    static const char msg[] = STEK_TICKET_NAME_LABEL;
+    p11_sess s;
+    STEK_GUARD(p11_sess_get(p11, &s));
+    stek_status st = STEK_OK;
+    CK_OBJECT_HANDLE *h = NULL;
+    STEK_GUARD_GOTO(p11_tickets_resolve(&s, group, generation, epochs, n_epochs, &h));
+    for (size_t i = 0; i < n_epochs; i++) {
+        uint8_t mac[32];
+        CK_ULONG len = sizeof(mac);
+        CK_MECHANISM m = {CKM_SHA256_HMAC, NULL, 0};
+        STEK_GUARD_GOTO(P11_CALL(p11, C_SignInit, s.h, &m, h[i]));
+        STEK_GUARD_GOTO(P11_CALL(p11, C_Sign, s.h, (CK_BYTE_PTR)msg, sizeof(msg) - 1, mac, &len));
+        STEK_ENSURE_GOTO(len == sizeof(mac), STEK_ERR_HSM);
+        memcpy(names[i], mac, STEK_TICKET_NAME_BYTES);
+    }
+done:
+    free(h);
+    return p11_sess_done(&s, st);
+}

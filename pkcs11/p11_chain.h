@@ -37,4 +37,13 @@ typedef struct p11_keyobj {
 STEK_MUST_USE stek_status p11_keys_list(p11_sess *s, const char *label, p11_keyobj **out,
                                         size_t *count);
 
+/*
+ * Maps each epoch to its surviving ticket key of (g,n) with one listing.
+ * Retries briefly when a racing writer hides a key. Returns STEK_OK with *out
+ * (n handles, free()), or STEK_ERR_NOT_FOUND naming the missing epoch.
+ */
+STEK_MUST_USE stek_status p11_tickets_resolve(p11_sess *s, const char *group, uint32_t generation,
+                                              const uint64_t *epochs, size_t n,
+                                              CK_OBJECT_HANDLE **out);
+
 #endif

@@ -77,44 +77,6 @@ static stek_status derive_kek(p11_sess *s, CK_OBJECT_HANDLE eph_priv, const uint
     return p11_derive(s, &cm, *z, t, n, kek);
 }
 
-/*
- * Maps each epoch to its surviving ticket key with one listing of the
- * generation (a listing costs a find plus one attribute read per key, so
- * per-epoch lookups would be quadratic). *out is freed with free().
- */
-static stek_status resolve_tickets(p11_sess *s, const char *group, uint32_t generation,
-                                   const uint64_t *epochs, size_t n, CK_OBJECT_HANDLE **out)
-{
-    char label[STEK_P11_LABEL_MAX];
-    STEK_GUARD(p11_label(label, "ticket", group, generation));
-    *out = calloc(n ? n : 1, sizeof(**out));
-    STEK_ENSURE(*out != NULL, STEK_ERR_NOMEM);
-    stek_status st = STEK_OK;
-    for (int attempt = 0;; attempt++) {
-        p11_keyobj *keys = NULL;
-        size_t nk = 0;
-        STEK_GUARD(p11_keys_list(s, label, &keys, &nk));
-        st = STEK_OK;
-        for (size_t i = 0; i < n && st == STEK_OK; i++) {
-            size_t j = 0;
-            /* Sorted by CKA_ID: the first hit is the lowest, the survivor. */
-            while (j < nk && keys[j].epoch != epochs[i])
-                j++;
-            if (j == nk)
-                st = stek_error_set(STEK_ERR_NOT_FOUND, "no ticket key %s epoch %llu", label,
-                                    (unsigned long long)epochs[i]);
-            else
-                (*out)[i] = keys[j].h;
-        }
-        free(keys);
-        /* A racing writer on the same token can hide a key for a moment. */
-        if (st != STEK_ERR_NOT_FOUND || attempt >= 2 || !p11_token_present(s) ||
-            !p11_retry_backoff(attempt))
-            break;
-    }
-    return st;
-}
-
 stek_status stek_p11_wrap_tickets(stek_p11 *p11, const char *group, uint32_t generation,
                                   const uint8_t *host_pub, size_t host_pub_len,
                                   const uint64_t *epochs, size_t n_epochs,
@@ -139,7 +101,7 @@ stek_status stek_p11_wrap_tickets(stek_p11 *p11, const char *group, uint32_t gen
     STEK_GUARD_GOTO(p11_read_ec_point(&s, pub, hsm_pub));
     STEK_GUARD_GOTO(derive_kek(&s, priv, host_pub, hsm_pub, group, generation, &z, &kek));
 
-    STEK_GUARD_GOTO(resolve_tickets(&s, group, generation, epochs, n_epochs, &handles));
+    STEK_GUARD_GOTO(p11_tickets_resolve(&s, group, generation, epochs, n_epochs, &handles));
     for (size_t i = 0; i < n_epochs; i++) {
         CK_MECHANISM m = {CKM_AES_KEY_WRAP_PAD, NULL, 0};
         CK_ULONG len = STEK_WRAPPED_KEY_BYTES;

@@ -140,6 +140,19 @@ STEK_MUST_USE stek_status stek_p11_ticket_check_value(stek_p11 *p11, const char 
                                                       uint32_t generation, uint64_t epoch,
                                                       uint8_t kcv[STEK_P11_KCV_BYTES]);
 
+/*
+ * Ticket key names: HMAC-SHA256(K(g,n,e), "stek-name-v1")[0:16], computed in
+ * the HSM. K is sensitive, so the service cannot read its first bytes; this
+ * name is public by construction (it travels in every ticket), identical on
+ * every replica, and reveals nothing of the hmac and aes parts. Hosts
+ * recompute it from the unwrapped key and use name | K[16:48] | K[48:80].
+ * Writes names[i] for each epochs[i]. STEK_ERR_NOT_FOUND when a key is absent.
+ */
+STEK_MUST_USE stek_status stek_p11_ticket_names(stek_p11 *p11, const char *group,
+                                                uint32_t generation, const uint64_t *epochs,
+                                                size_t n_epochs,
+                                                uint8_t (*names)[STEK_TICKET_NAME_BYTES]);
+
 /* ------------------------------------------------------------------------
  * Per-host wrapping (kek.h): an HSM ephemeral P-256 key, ECDH with the
  * host's ephemeral point, the context-bound KEK, then AES-KWP per key.

@@ -213,6 +213,48 @@ static void test_round_trip_two_hosts(void **state)
 }
 
 /* Wrapping twice to the same host key: new HSM point and blob, same key. */
+/*
+ * Ticket key names come from the HSM without the key leaving it, and equal
+ * the name a host computes from the unwrapped key.
+ */
+static void test_ticket_names(void **state)
+{
+    (void)state;
+    const uint64_t epochs[] = {FIRST_EPOCH, FIRST_EPOCH + 1, FIRST_EPOCH + 7};
+    uint8_t names[3][STEK_TICKET_NAME_BYTES];
+    uint8_t again[3][STEK_TICKET_NAME_BYTES];
+    assert_status(stek_p11_ticket_names(p11, GROUP, GEN, epochs, 3, names), STEK_OK);
+    assert_status(stek_p11_ticket_names(p11, GROUP, GEN, epochs, 3, again), STEK_OK);
+    assert_memory_equal(names, again, sizeof(names));
+    assert_memory_not_equal(names[0], names[1], STEK_TICKET_NAME_BYTES);
+    assert_memory_not_equal(names[1], names[2], STEK_TICKET_NAME_BYTES);
+
+    uint8_t pub[STEK_P256_POINT_BYTES], hsm[STEK_P256_POINT_BYTES];
+    uint8_t blobs[3][STEK_WRAPPED_KEY_BYTES];
+    stek_host_eph *h = host_new(pub);
+    assert_status(stek_p11_wrap_tickets(p11, GROUP, GEN, pub, sizeof(pub), epochs, 3, hsm, blobs),
+                  STEK_OK);
+    for (int i = 0; i < 3; i++) {
+        stek_secret *k = NULL;
+        uint8_t host_name[STEK_TICKET_NAME_BYTES];
+        assert_status(host_unwrap(h, hsm, GROUP, GEN, blobs[i], STEK_WRAPPED_KEY_BYTES, &k),
+                      STEK_OK);
+        assert_status(stek_host_ticket_name(k, host_name), STEK_OK);
+        assert_memory_equal(host_name, names[i], STEK_TICKET_NAME_BYTES);
+        /* The name is not a slice of the key: nothing of it is revealed. */
+        for (size_t off = 0; off + STEK_TICKET_NAME_BYTES <= STEK_TICKET_KEY_BYTES; off++)
+            assert_memory_not_equal(stek_secret_data(k) + off, names[i], STEK_TICKET_NAME_BYTES);
+        stek_secret_free(k);
+    }
+    stek_host_eph_free(h);
+
+    const uint64_t missing[] = {FIRST_EPOCH, FIRST_EPOCH + N_EPOCHS};
+    assert_status(stek_p11_ticket_names(p11, GROUP, GEN, missing, 2, names), STEK_ERR_NOT_FOUND);
+    assert_status(stek_p11_ticket_names(p11, "Bad Group", GEN, epochs, 1, names),
+                  STEK_ERR_INVALID_ARG);
+    assert_status(stek_p11_ticket_names(NULL, GROUP, GEN, epochs, 1, names), STEK_ERR_INVALID_ARG);
+}
+
 static void test_same_host_twice(void **state)
 {
     (void)state;
@@ -568,6 +610,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_round_trip_two_hosts), cmocka_unit_test(test_same_host_twice),
+        cmocka_unit_test(test_ticket_names),
         cmocka_unit_test(test_zero_epochs),          cmocka_unit_test(test_wrong_host_or_context),
         cmocka_unit_test(test_tampered_blob),        cmocka_unit_test(test_bad_points),
         cmocka_unit_test(test_missing_epoch),        cmocka_unit_test(test_bad_args),
