@@ -29,6 +29,8 @@ const char *stek_p11_kind_name(stek_p11_kind kind)
         return "signing";
     case STEK_P11_KIND_TRANSPORT:
         return "transport";
+    case STEK_P11_KIND_GENERATION:
+        return "generation";
     default:
         return "other";
     }
@@ -55,6 +57,10 @@ static void classify(stek_p11_object_info *o, const uint8_t *id, CK_ULONG id_len
             o->generation = gen;
             o->epoch = p11_id_epoch(id);
         }
+    } else if (sscanf(o->label, "stek:gen:%64[a-z0-9._-]:%u%c", group, &gen, &tail) == 2) {
+        o->kind = STEK_P11_KIND_GENERATION;
+        snprintf(o->group, sizeof(o->group), "%s", group);
+        o->generation = gen;
     }
 }
 

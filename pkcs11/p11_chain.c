@@ -522,6 +522,8 @@ stek_status stek_p11_generation_destroy(stek_p11 *p11, const char *group, uint32
     stek_status st = destroy_label_before(&s, "chain", group, generation, UINT64_MAX, destroyed);
     if (st == STEK_OK)
         st = destroy_label_before(&s, "ticket", group, generation, UINT64_MAX, destroyed);
+    if (st == STEK_OK)
+        st = p11_generation_record_destroy(&s, group, generation);
     return p11_sess_done(&s, st);
 }
 

@@ -160,6 +160,10 @@ STEK_MUST_USE stek_status p11_label(char out[STEK_P11_LABEL_MAX], const char *ki
 STEK_MUST_USE stek_status p11_make_id(uint64_t epoch, uint8_t id[P11_ID_BYTES]);
 uint64_t p11_id_epoch(const uint8_t id[P11_ID_BYTES]);
 
+/* Destroys the generation record of (g,n) (p11_meta.c). */
+STEK_MUST_USE stek_status p11_generation_record_destroy(p11_sess *s, const char *group,
+                                                        uint32_t generation);
+
 /* The DER OID of P-256 for CKA_EC_PARAMS. */
 extern const CK_BYTE p11_p256_oid[10];
 

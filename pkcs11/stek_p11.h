@@ -127,7 +127,31 @@ STEK_MUST_USE stek_status stek_p11_ticket_destroy_before(stek_p11 *p11, const ch
                                                          uint32_t generation, uint64_t epoch,
                                                          unsigned *destroyed);
 
-/* Destroys every chain and ticket key of generation n of group g. */
+/* ------------------------------------------------------------------------
+ * Generation records: the HSM is the only state a replica has, so each
+ * generation's signed start time lives there too, as a private token data
+ * object "stek:gen:<g>:<n>" (CKA_VALUE = u64be(start, Unix seconds)).
+ */
+typedef struct stek_p11_generation {
+    uint32_t generation;
+    int64_t start; /* Unix seconds */
+} stek_p11_generation;
+
+/* Records generation n of g as started at `start`. STEK_ERR_EXISTS if recorded. */
+STEK_MUST_USE stek_status stek_p11_generation_record(stek_p11 *p11, const char *group,
+                                                     uint32_t generation, int64_t start);
+
+/*
+ * Lists the recorded generations of g in ascending order. *out is freed with
+ * free() (NULL when *count is 0).
+ */
+STEK_MUST_USE stek_status stek_p11_generation_list(stek_p11 *p11, const char *group,
+                                                   stek_p11_generation **out, size_t *count);
+
+/*
+ * Destroys every chain and ticket key of generation n of group g, and its
+ * generation record. *destroyed counts keys only.
+ */
 STEK_MUST_USE stek_status stek_p11_generation_destroy(stek_p11 *p11, const char *group,
                                                       uint32_t generation, unsigned *destroyed);
 
@@ -203,7 +227,8 @@ typedef enum stek_p11_kind {
     STEK_P11_KIND_TICKET,
     STEK_P11_KIND_SIGNING,
     STEK_P11_KIND_TRANSPORT,
-    STEK_P11_KIND_OTHER, /* not made by stek: `keys --audit` flags these */
+    STEK_P11_KIND_GENERATION, /* a generation record (data object) */
+    STEK_P11_KIND_OTHER,      /* not made by stek: `keys --audit` flags these */
 } stek_p11_kind;
 
 typedef struct stek_p11_object_info {

@@ -859,6 +859,48 @@ static void test_destroy_counts(void **state)
     assert_int_equal(count_keys(STEK_P11_KIND_TICKET, "lst", 4), 3);
 }
 
+/* Generation records: one per (group, generation), listed in order, gone
+ * with their generation, and classified as such by the listing. */
+static void test_generation_records(void **state)
+{
+    (void)state;
+    stek_p11_generation *g = NULL;
+    size_t n = 99;
+    assert_int_equal(stek_p11_generation_list(p11, "genrec", &g, &n), STEK_OK);
+    assert_int_equal(n, 0);
+    assert_null(g);
+
+    assert_int_equal(stek_p11_generation_record(p11, "genrec", 2, 2000), STEK_OK);
+    assert_int_equal(stek_p11_generation_record(p11, "genrec", 1, 1000), STEK_OK);
+    assert_int_equal(stek_p11_generation_record(p11, "genrec", 1, 1500), STEK_ERR_EXISTS);
+    assert_int_equal(stek_p11_generation_record(p11, "genrec2", 7, 7), STEK_OK);
+    assert_int_equal(stek_p11_generation_record(p11, "genrec", 3, -1), STEK_ERR_INVALID_ARG);
+    assert_int_equal(stek_p11_generation_record(p11, "Bad Group", 3, 1), STEK_ERR_INVALID_ARG);
+
+    assert_int_equal(stek_p11_generation_list(p11, "genrec", &g, &n), STEK_OK);
+    assert_int_equal(n, 2); /* "genrec2" is another group, not a prefix match */
+    assert_int_equal(g[0].generation, 1);
+    assert_int_equal(g[0].start, 1000);
+    assert_int_equal(g[1].generation, 2);
+    assert_int_equal(g[1].start, 2000);
+    free(g);
+
+    stek_p11_object_info *o = NULL;
+    size_t no = 0, recs = 0;
+    assert_int_equal(stek_p11_list(p11, &o, &no), STEK_OK);
+    for (size_t i = 0; i < no; i++)
+        if (o[i].kind == STEK_P11_KIND_GENERATION && strcmp(o[i].group, "genrec") == 0)
+            recs++;
+    free(o);
+    assert_int_equal(recs, 2);
+
+    assert_int_equal(stek_p11_generation_destroy(p11, "genrec", 1, NULL), STEK_OK);
+    assert_int_equal(stek_p11_generation_list(p11, "genrec", &g, &n), STEK_OK);
+    assert_int_equal(n, 1);
+    assert_int_equal(g[0].generation, 2);
+    free(g);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -874,6 +916,7 @@ int main(void)
         cmocka_unit_test_setup(test_import_exists, ensure_default),
         cmocka_unit_test_setup(test_import_corrupt_blob, ensure_default),
         cmocka_unit_test_setup(test_destroy_counts, ensure_default),
+        cmocka_unit_test_setup(test_generation_records, ensure_default),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
 }
