@@ -11,6 +11,7 @@
 #define STEK_COMMON_STATUS_H
 
 #include <stdbool.h>
+#include <stddef.h>
 
 #define STEK_MUST_USE __attribute__((warn_unused_result))
 
