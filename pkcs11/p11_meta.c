@@ -119,7 +119,8 @@ stek_status stek_p11_generation_list(stek_p11 *p11, const char *group, stek_p11_
         gens[k].start = (int64_t)v;
         k++;
     }
-    qsort(gens, k, sizeof(*gens), cmp_gen);
+    if (k > 1)
+        qsort(gens, k, sizeof(*gens), cmp_gen);
     *out = k > 0 ? gens : NULL;
     *count = k;
     if (k > 0)

@@ -1,0 +1,155 @@
+/*
+ * Request validation and key-set answers. Every refusal gets the precise
+ * status of handler.h and a short, secret-free reason; the server keeps
+ * serving everyone else.
+ */
+#include "handler.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <openssl/x509v3.h>
+
+#include "log.h"
+#include "policy.h"
+#include "stek/v1/stek.pb-c.h"
+
+static grpc_status_code refuse(grpc_status_code code, char *details, size_t len, const char *fmt,
+                               ...) __attribute__((format(printf, 4, 5)));
+
+static grpc_status_code refuse(grpc_status_code code, char *details, size_t len, const char *fmt,
+                               ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(details, len, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+/* EKU must be present and include clientAuth: a server certificate or an
+ * unconstrained one is not a host identity. */
+static bool has_client_auth(X509 *cert)
+{
+    uint32_t flags = X509_get_extension_flags(cert);
+    return (flags & EXFLAG_XKUSAGE) != 0 && (X509_get_extended_key_usage(cert) & XKU_SSL_CLIENT);
+}
+
+/* Finds the first typed SAN that the group's policy allows. */
+static bool allowed_identity(const stekd_group_cfg *g, const stekd_peer *peer, char *out,
+                             size_t out_len)
+{
+    if (g == NULL)
+        return false;
+    for (size_t i = 0; i < peer->n_uris; i++) {
+        if (stekd_policy_allows(g->allow, g->n_allow, STEKD_ID_URI, peer->uris[i])) {
+            snprintf(out, out_len, "uri:%s", peer->uris[i]);
+            return true;
+        }
+    }
+    for (size_t i = 0; i < peer->n_dns; i++) {
+        if (stekd_policy_allows(g->allow, g->n_allow, STEKD_ID_DNS, peer->dns[i])) {
+            snprintf(out, out_len, "dns:%s", peer->dns[i]);
+            return true;
+        }
+    }
+    return false;
+}
+
+grpc_status_code stekd_handle_validate(const stekd_handler *h, const stekd_peer *peer,
+                                       const uint8_t *bytes, size_t len, stekd_request *req,
+                                       char *details, size_t details_len)
+{
+    /* GetKeySetRequest and WatchKeySetRequest share fields and numbers. */
+    Stek__V1__GetKeySetRequest *m = stek__v1__get_key_set_request__unpack(NULL, len, bytes);
+    if (m == NULL)
+        return refuse(GRPC_STATUS_INVALID_ARGUMENT, details, details_len,
+                      "malformed request: not a stek.v1 key-set request");
+    grpc_status_code code = GRPC_STATUS_OK;
+    memset(req, 0, sizeof(*req));
+    if (m->group == NULL || m->group[0] == '\0') {
+        code = refuse(GRPC_STATUS_INVALID_ARGUMENT, details, details_len, "empty group");
+        goto done;
+    }
+    if (strlen(m->group) > STEK_GROUP_MAX_BYTES) {
+        code = refuse(GRPC_STATUS_INVALID_ARGUMENT, details, details_len, "group name too long");
+        goto done;
+    }
+    if (m->nonce.len < STEK_NONCE_MIN_BYTES || m->nonce.len > STEK_NONCE_MAX_BYTES) {
+        code = refuse(GRPC_STATUS_INVALID_ARGUMENT, details, details_len,
+                      "nonce must be %d to %d bytes", STEK_NONCE_MIN_BYTES, STEK_NONCE_MAX_BYTES);
+        goto done;
+    }
+    if (peer->cert == NULL || !has_client_auth(peer->cert)) {
+        code = refuse(GRPC_STATUS_PERMISSION_DENIED, details, details_len,
+                      "client certificate lacks extended key usage clientAuth");
+        goto done;
+    }
+    /* Same answer whether or not the group exists: no group enumeration. */
+    const stekd_group_cfg *g = stekd_config_group(h->cfg, m->group);
+    if (!allowed_identity(g, peer, req->identity, sizeof(req->identity))) {
+        code = refuse(GRPC_STATUS_PERMISSION_DENIED, details, details_len,
+                      "no identity of this certificate may fetch group '%.64s'", m->group);
+        goto done;
+    }
+    if (stek_p256_point_check(m->eph_pub.data, m->eph_pub.len) != STEK_OK) {
+        code = refuse(GRPC_STATUS_FAILED_PRECONDITION, details, details_len,
+                      "eph_pub is not a valid P-256 point: %s", stek_error_detail());
+        goto done;
+    }
+    if (stek_reqsig_verify(X509_get0_pubkey(peer->cert), m->group, m->eph_pub.data, m->eph_pub.len,
+                           m->nonce.data, m->nonce.len, m->signature.data,
+                           m->signature.len) != STEK_OK) {
+        code = refuse(GRPC_STATUS_UNAUTHENTICATED, details, details_len,
+                      "request signature does not verify against the client certificate");
+        goto done;
+    }
+    snprintf(req->group, sizeof(req->group), "%s", m->group);
+    memcpy(req->eph_pub, m->eph_pub.data, STEK_P256_POINT_BYTES);
+    memcpy(req->nonce, m->nonce.data, m->nonce.len);
+    req->nonce_len = m->nonce.len;
+done:
+    stek__v1__get_key_set_request__free_unpacked(m, NULL);
+    return code;
+}
+
+void stekd_handle_keyset(const stekd_handler *h, const stekd_request *req, stekd_reply *out,
+                         uint64_t *version)
+{
+    memset(out, 0, sizeof(*out));
+    stekd_view *v = stekd_state_view(h->state, req->group);
+    if (v == NULL) { /* validated requests name configured groups */
+        out->code = refuse(GRPC_STATUS_PERMISSION_DENIED, out->details, sizeof(out->details),
+                           "group not configured");
+        return;
+    }
+    if (!v->available) {
+        out->code =
+            refuse(GRPC_STATUS_UNAVAILABLE, out->details, sizeof(out->details), "%s", v->why);
+        stekd_view_unref(v);
+        return;
+    }
+    stekd_keyset_req r = {req->identity, req->eph_pub, req->nonce, req->nonce_len};
+    stek_status st = stekd_cache_get(h->cache, h->p11, v, &r, stekd_now(), &out->ks);
+    if (st == STEK_OK) {
+        out->code = GRPC_STATUS_OK;
+        if (version)
+            *version = v->version;
+    } else {
+        stek_log(STEK_LOG_WARN, "stekd", "key set for %s (%s): %s: %s", req->identity, req->group,
+                 stek_status_name(st), stek_error_detail());
+        out->code = refuse(
+            st == STEK_ERR_HSM_UNAVAILABLE ? GRPC_STATUS_UNAVAILABLE : GRPC_STATUS_INTERNAL,
+            out->details, sizeof(out->details), "key set unavailable: %s", stek_status_name(st));
+    }
+    stekd_view_unref(v);
+}
+
+uint64_t stekd_handle_view_version(const stekd_handler *h, const char *group)
+{
+    stekd_view *v = stekd_state_view(h->state, group);
+    uint64_t ver = v ? v->version : 0;
+    stekd_view_unref(v);
+    return ver;
+}

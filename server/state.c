@@ -1,0 +1,343 @@
+/*
+ * Group state: one refresh brings a group's keys in the HSM up to the clock
+ * and publishes the view hosts are served from.
+ */
+#include "state.h"
+
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "log.h"
+
+typedef struct group_slot {
+    const stekd_group_cfg *cfg;
+    stekd_view *view; /* guarded by stekd_state.mu */
+    /* Names never change for (g, n, e): remember them across refreshes. */
+    uint32_t names_gen;
+    size_t n_names;
+    stekd_key *names;
+    bool alarmed; /* the refused-jump alarm was logged for this situation */
+} group_slot;
+
+struct stekd_state {
+    const stekd_config *cfg;
+    stek_p11 *p11;
+    pthread_mutex_t mu;
+    group_slot *groups;
+    size_t n_groups;
+    uint64_t next_version;
+    stekd_state_listener listener;
+    void *listener_arg;
+};
+
+static int64_t offset_s;
+static pthread_once_t offset_once = PTHREAD_ONCE_INIT;
+
+static void read_offset(void)
+{
+    const char *v = getenv("STEKD_TEST_CLOCK_OFFSET");
+    offset_s = v ? strtoll(v, NULL, 10) : 0;
+    if (offset_s != 0)
+        stek_log(STEK_LOG_WARN, "stekd", "test clock offset of %lld s is in effect",
+                 (long long)offset_s);
+}
+
+int64_t stekd_now(void)
+{
+    pthread_once(&offset_once, read_offset);
+    return (int64_t)time(NULL) + offset_s;
+}
+
+void stekd_view_unref(stekd_view *v)
+{
+    if (v != NULL && atomic_fetch_sub(&v->refs, 1) == 1)
+        free(v);
+}
+
+static stekd_view *view_new(const stekd_group_cfg *cfg, size_t n_keys)
+{
+    stekd_view *v = calloc(1, sizeof(*v) + n_keys * sizeof(stekd_key));
+    if (v == NULL)
+        return NULL;
+    atomic_init(&v->refs, 1);
+    v->cfg = cfg;
+    v->n_keys = n_keys;
+    return v;
+}
+
+stek_status stekd_state_new(const stekd_config *cfg, stek_p11 *p11, stekd_state **out)
+{
+    STEK_ENSURE_REF(cfg);
+    STEK_ENSURE_REF(p11);
+    STEK_ENSURE_REF(out);
+    stekd_state *st = calloc(1, sizeof(*st));
+    STEK_ENSURE(st != NULL, STEK_ERR_NOMEM);
+    st->cfg = cfg;
+    st->p11 = p11;
+    pthread_mutex_init(&st->mu, NULL);
+    st->groups = calloc(cfg->n_groups ? cfg->n_groups : 1, sizeof(*st->groups));
+    st->n_groups = cfg->n_groups;
+    bool ok = st->groups != NULL;
+    for (size_t i = 0; ok && i < cfg->n_groups; i++) {
+        st->groups[i].cfg = &cfg->groups[i];
+        st->groups[i].view = view_new(&cfg->groups[i], 0);
+        ok = st->groups[i].view != NULL;
+        if (ok)
+            snprintf(st->groups[i].view->why, sizeof(st->groups[i].view->why),
+                     "group %s: keys not loaded yet", cfg->groups[i].name);
+    }
+    if (!ok) {
+        stekd_state_free(st);
+        STEK_BAIL(STEK_ERR_NOMEM, "group state");
+    }
+    *out = st;
+    return STEK_OK;
+}
+
+void stekd_state_free(stekd_state *st)
+{
+    if (st == NULL)
+        return;
+    for (size_t i = 0; st->groups && i < st->n_groups; i++) {
+        stekd_view_unref(st->groups[i].view);
+        free(st->groups[i].names);
+    }
+    free(st->groups);
+    pthread_mutex_destroy(&st->mu);
+    free(st);
+}
+
+void stekd_state_set_listener(stekd_state *st, stekd_state_listener fn, void *arg)
+{
+    pthread_mutex_lock(&st->mu);
+    st->listener = fn;
+    st->listener_arg = arg;
+    pthread_mutex_unlock(&st->mu);
+}
+
+stekd_view *stekd_state_view(stekd_state *st, const char *group)
+{
+    stekd_view *v = NULL;
+    pthread_mutex_lock(&st->mu);
+    for (size_t i = 0; i < st->n_groups; i++) {
+        if (strcmp(st->groups[i].cfg->name, group) == 0) {
+            v = st->groups[i].view;
+            atomic_fetch_add(&v->refs, 1);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&st->mu);
+    return v;
+}
+
+bool stekd_state_all_available(stekd_state *st)
+{
+    bool all = true;
+    pthread_mutex_lock(&st->mu);
+    for (size_t i = 0; i < st->n_groups; i++)
+        all = all && st->groups[i].view->available;
+    pthread_mutex_unlock(&st->mu);
+    return all;
+}
+
+/* True when the published view already says exactly this. */
+static bool same_view(const stekd_view *a, const stekd_view *b)
+{
+    return a->available == b->available && a->generation == b->generation && a->epoch == b->epoch &&
+           a->n_keys == b->n_keys && memcmp(a->keys, b->keys, a->n_keys * sizeof(stekd_key)) == 0 &&
+           (a->available || strcmp(a->why, b->why) == 0);
+}
+
+static void publish(stekd_state *st, group_slot *g, stekd_view *v)
+{
+    pthread_mutex_lock(&st->mu);
+    bool changed = !same_view(g->view, v);
+    if (changed) {
+        v->version = ++st->next_version;
+        stekd_view_unref(g->view);
+        g->view = v;
+    }
+    stekd_state_listener fn = st->listener;
+    void *arg = st->listener_arg;
+    pthread_mutex_unlock(&st->mu);
+    if (!changed) {
+        stekd_view_unref(v);
+        return;
+    }
+    if (v->available)
+        stek_log(STEK_LOG_INFO, "stekd", "group %s: generation %u, epoch %llu, %zu keys",
+                 v->cfg->name, (unsigned)v->generation, (unsigned long long)v->epoch, v->n_keys);
+    else
+        stek_log(STEK_LOG_WARN, "stekd", "%s", v->why);
+    if (fn != NULL)
+        fn(arg, v->cfg->name);
+}
+
+static void publish_unavailable(stekd_state *st, group_slot *g, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Publishes an empty, unavailable view; the reason is prefixed with the group. */
+static void publish_unavailable(stekd_state *st, group_slot *g, const char *fmt, ...)
+{
+    stekd_view *v = view_new(g->cfg, 0);
+    if (v == NULL)
+        return;
+    int n = snprintf(v->why, sizeof(v->why), "group %s: ", g->cfg->name);
+    va_list ap;
+    va_start(ap, fmt);
+    if (n > 0 && (size_t)n < sizeof(v->why))
+        vsnprintf(v->why + n, sizeof(v->why) - (size_t)n, fmt, ap);
+    va_end(ap);
+    publish(st, g, v);
+}
+
+/* Looks up or computes the names of epochs first..last of generation n. */
+static stek_status load_names(stekd_state *st, group_slot *g, uint32_t n, uint64_t first,
+                              uint64_t last)
+{
+    size_t count = (size_t)(last - first + 1);
+    if (g->names_gen == n && g->n_names == count && g->names[0].epoch == first)
+        return STEK_OK;
+    stekd_key *keys = calloc(count, sizeof(*keys));
+    uint64_t *missing = calloc(count, sizeof(*missing));
+    uint8_t(*names)[STEK_TICKET_NAME_BYTES] = calloc(count, STEK_TICKET_NAME_BYTES);
+    stek_status status = STEK_OK;
+    size_t n_missing = 0;
+    if (keys == NULL || missing == NULL || names == NULL) {
+        status = stek_error_set(STEK_ERR_NOMEM, "names");
+        goto done;
+    }
+    for (size_t i = 0; i < count; i++) {
+        keys[i].epoch = first + i;
+        bool known = false;
+        for (size_t j = 0; g->names_gen == n && j < g->n_names; j++) {
+            if (g->names[j].epoch == keys[i].epoch) {
+                memcpy(keys[i].name, g->names[j].name, STEK_TICKET_NAME_BYTES);
+                known = true;
+                break;
+            }
+        }
+        if (!known)
+            missing[n_missing++] = keys[i].epoch;
+    }
+    if (n_missing > 0) {
+        status = stek_p11_ticket_names(st->p11, g->cfg->name, n, missing, n_missing, names);
+        if (status != STEK_OK)
+            goto done;
+        for (size_t i = 0, m = 0; i < count && m < n_missing; i++)
+            if (keys[i].epoch == missing[m])
+                memcpy(keys[i].name, names[m++], STEK_TICKET_NAME_BYTES);
+    }
+    free(g->names);
+    g->names = keys;
+    g->n_names = count;
+    g->names_gen = n;
+    keys = NULL;
+done:
+    free(keys);
+    free(missing);
+    free(names);
+    return status;
+}
+
+/* One group's refresh. Returns the Unix time of its next rotation. */
+static int64_t refresh_group(stekd_state *st, group_slot *g, int64_t now)
+{
+    const stekd_group_cfg *cfg = g->cfg;
+    const stek_sched *s = &cfg->sched;
+    int64_t next = stek_sched_next_rotation(s, now);
+    uint64_t e;
+    if (stek_sched_epoch_at(s, now, &e) != STEK_OK) {
+        publish_unavailable(st, g, "the schedule has not started (origin in the future)");
+        return next;
+    }
+
+    stek_p11_generation *gens = NULL;
+    size_t n_gens = 0;
+    stek_status status = stek_p11_generation_list(st->p11, cfg->name, &gens, &n_gens);
+    if (status != STEK_OK || n_gens == 0) {
+        free(gens);
+        publish_unavailable(st, g, "%s",
+                            status != STEK_OK ? stek_error_detail()
+                                              : "not initialized (run stekctl group add)");
+        return next;
+    }
+    uint32_t n = gens[n_gens - 1].generation;
+    int64_t gen_start = gens[n_gens - 1].start;
+    free(gens);
+    uint64_t gen_first = 0;
+    if (stek_sched_epoch_at(s, gen_start, &gen_first) != STEK_OK)
+        gen_first = 0;
+
+    uint64_t newest = 0;
+    status = stek_p11_chain_newest(st->p11, cfg->name, n, &newest);
+    if (status != STEK_OK) {
+        publish_unavailable(st, g, "%s", stek_error_detail());
+        return next;
+    }
+    /* K(e+1), the next key, must exist: the chain must reach e+2. */
+    uint64_t target = e + 2;
+    if (target > newest) {
+        if (target - newest > st->cfg->max_jump) {
+            char why[160];
+            snprintf(why, sizeof(why),
+                     "refusing to advance %llu epochs past the newest chain key (max_jump %u); "
+                     "check this replica's clock, then run stekctl advance",
+                     (unsigned long long)(target - newest), st->cfg->max_jump);
+            if (!g->alarmed)
+                stek_log(STEK_LOG_ERROR, "stekd", "ALARM group %s: %s", cfg->name, why);
+            g->alarmed = true;
+            publish_unavailable(st, g, "%s", why);
+            return next;
+        }
+        status = stek_p11_ratchet_advance(st->p11, cfg->name, n, target);
+        if (status != STEK_OK) {
+            publish_unavailable(st, g, "%s", stek_error_detail());
+            return next;
+        }
+    }
+    g->alarmed = false;
+
+    uint64_t first, last;
+    stek_sched_window(s, e, gen_first, &first, &last);
+    /* Keys past the window go, in the HSM first; hosts drop them on their own. */
+    unsigned destroyed = 0;
+    status = stek_p11_ticket_destroy_before(st->p11, cfg->name, n, first, &destroyed);
+    if (status == STEK_OK && destroyed > 0)
+        stek_log(STEK_LOG_INFO, "stekd", "group %s: destroyed %u expired key(s) below epoch %llu",
+                 cfg->name, destroyed, (unsigned long long)first);
+    /* An older generation's keys stop being served the moment a newer one
+     * exists; `stekctl rekey` destroys them. */
+    if (status == STEK_OK)
+        status = load_names(st, g, n, first, last);
+    if (status != STEK_OK) {
+        publish_unavailable(st, g, "%s", stek_error_detail());
+        return next;
+    }
+
+    stekd_view *v = view_new(cfg, g->n_names);
+    if (v == NULL)
+        return next;
+    v->available = true;
+    v->generation = n;
+    v->gen_start = gen_start;
+    v->epoch = e;
+    memcpy(v->keys, g->names, g->n_names * sizeof(stekd_key));
+    publish(st, g, v);
+    return next;
+}
+
+int64_t stekd_state_refresh(stekd_state *st, int64_t now)
+{
+    int64_t next = now + 3600;
+    for (size_t i = 0; i < st->n_groups; i++) {
+        int64_t t = refresh_group(st, &st->groups[i], now);
+        if (t < next)
+            next = t;
+    }
+    return next;
+}

@@ -1,0 +1,83 @@
+/*
+ * The key schedule as stekd runs it: for every configured group, keep the
+ * HSM's keys `next`, `current` and the decrypt window derived ahead of need,
+ * destroy keys past their window, and publish an immutable view of what may
+ * be served. The HSM is the only state: a restarted stekd rebuilds the same
+ * views from the token, so no epoch is skipped or duplicated and no key is
+ * re-created after its destruction (the ratchet cannot go back).
+ *
+ * A replica never advances a chain more than max_jump epochs past the
+ * newest chain key on its clock's word alone: it marks the group
+ * unavailable, logs an alarm, and destroys nothing until `stekctl advance`.
+ */
+#ifndef STEK_SERVER_STATE_H
+#define STEK_SERVER_STATE_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "config.h"
+#include "stek_p11.h"
+
+typedef struct stekd_key {
+    uint64_t epoch;
+    uint8_t name[STEK_TICKET_NAME_BYTES];
+} stekd_key;
+
+/* What may be served for one group: immutable once published, refcounted. */
+typedef struct stekd_view {
+    atomic_int refs;
+    const stekd_group_cfg *cfg;
+    bool available; /* false: UNAVAILABLE to hosts, with `why` */
+    char why[192];  /* for the status details and logs; never a secret */
+    uint32_t generation;
+    int64_t gen_start; /* Unix seconds */
+    uint64_t epoch;    /* the current epoch */
+    uint64_t version;  /* changes whenever anything above or below changes */
+    size_t n_keys;
+    stekd_key keys[]; /* ascending epochs, the last one is `next` */
+} stekd_view;
+
+typedef struct stekd_state stekd_state;
+
+/* Called after a group's view changed (a rotation, a new generation, the
+ * HSM coming or going). Runs on the refreshing thread; must not block. */
+typedef void (*stekd_state_listener)(void *arg, const char *group);
+
+/*
+ * Makes the state for cfg's groups over p11 (both outlive it). Views start
+ * unavailable until the first refresh. Returns STEK_OK and *out (free with
+ * stekd_state_free) or STEK_ERR_NOMEM.
+ */
+STEK_MUST_USE stek_status stekd_state_new(const stekd_config *cfg, stek_p11 *p11,
+                                          stekd_state **out);
+
+void stekd_state_free(stekd_state *st);
+
+void stekd_state_set_listener(stekd_state *st, stekd_state_listener fn, void *arg);
+
+/*
+ * Brings every group up to time `now` (derive ahead, destroy expired,
+ * publish). Safe to call from one thread at a time. Returns the Unix time
+ * at which the next refresh is due (the earliest next rotation).
+ */
+int64_t stekd_state_refresh(stekd_state *st, int64_t now);
+
+/* The current view of `group` (a reference: release with stekd_view_unref),
+ * or NULL when the group is not configured. Thread-safe. */
+stekd_view *stekd_state_view(stekd_state *st, const char *group);
+
+/* True when every group's view is available (for the health service). */
+bool stekd_state_all_available(stekd_state *st);
+
+void stekd_view_unref(stekd_view *v);
+
+/*
+ * The service clock: wall time plus an offset only tests set, through the
+ * environment variable STEKD_TEST_CLOCK_OFFSET (seconds, may be negative),
+ * read once at start. Production never sets it.
+ */
+int64_t stekd_now(void);
+
+#endif

@@ -1,0 +1,222 @@
+/*
+ * stekd: the HSM-backed key service.
+ *
+ *   stekd --config FILE [--pin-file FILE] [--port-file FILE] [--threads N]
+ *
+ * The PIN comes from --pin-file or the environment variable named in the
+ * config (hsm.pin_env, default STEK_PIN), never from argv or the config.
+ * Exit codes: 0 after SIGTERM/SIGINT, 2 usage or configuration, 3 HSM,
+ * 4 TLS or listening address.
+ */
+#include <getopt.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "config.h"
+#include "keyset.h"
+#include "log.h"
+#include "rpc.h"
+#include "state.h"
+
+enum { EXIT_USAGE = 2, EXIT_HSM = 3, EXIT_NET = 4 };
+
+typedef struct scheduler {
+    stekd_state *state;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    bool stop;
+} scheduler;
+
+/*
+ * Refreshes every group right after each rotation (a few ms past the epoch
+ * boundary), and at least every second so the HSM coming back or a clock
+ * step is noticed promptly.
+ */
+static void *scheduler_main(void *arg)
+{
+    scheduler *s = arg;
+    pthread_mutex_lock(&s->mu);
+    while (!s->stop) {
+        pthread_mutex_unlock(&s->mu);
+        int64_t now = stekd_now();
+        int64_t next = stekd_state_refresh(s->state, now);
+        /* stekd_now() may carry a test offset; wait on the real clock. */
+        int64_t offset = stekd_now() - (int64_t)time(NULL);
+        struct timespec real, until;
+        clock_gettime(CLOCK_REALTIME, &real);
+        until.tv_sec = (time_t)(next - offset);
+        until.tv_nsec = 5000000L;
+        if (until.tv_sec > real.tv_sec + 1 ||
+            (until.tv_sec == real.tv_sec + 1 && until.tv_nsec > real.tv_nsec)) {
+            until.tv_sec = real.tv_sec + 1;
+            until.tv_nsec = real.tv_nsec;
+        }
+        pthread_mutex_lock(&s->mu);
+        if (!s->stop)
+            pthread_cond_timedwait(&s->cv, &s->mu, &until);
+    }
+    pthread_mutex_unlock(&s->mu);
+    return NULL;
+}
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: stekd --config FILE [--pin-file FILE] [--port-file FILE] [--threads N]\n"
+               "  The HSM PIN comes from --pin-file or the variable named by hsm.pin_env.\n");
+}
+
+static int write_port_file(const char *path, int port)
+{
+    char tmp[4096];
+    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+    FILE *f = fopen(tmp, "w");
+    if (f == NULL)
+        return -1;
+    fprintf(f, "%d\n", port);
+    if (fclose(f) != 0)
+        return -1;
+    return rename(tmp, path); /* readers never see a half-written file */
+}
+
+int main(int argc, char **argv)
+{
+    const char *config_path = NULL, *pin_file = NULL, *port_file = NULL;
+    unsigned threads = 4;
+    static const struct option opts[] = {
+        {"config", required_argument, NULL, 'c'},
+        {"pin-file", required_argument, NULL, 'p'},
+        {"port-file", required_argument, NULL, 'P'},
+        {"threads", required_argument, NULL, 't'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    int c;
+    while ((c = getopt_long(argc, argv, "c:p:P:t:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'c':
+            config_path = optarg;
+            break;
+        case 'p':
+            pin_file = optarg;
+            break;
+        case 'P':
+            port_file = optarg;
+            break;
+        case 't':
+            threads = (unsigned)strtoul(optarg, NULL, 10);
+            break;
+        case 'h':
+            usage(stdout);
+            return 0;
+        default:
+            usage(stderr);
+            return EXIT_USAGE;
+        }
+    }
+    if (config_path == NULL || optind != argc || threads == 0 || threads > 64) {
+        usage(stderr);
+        return EXIT_USAGE;
+    }
+
+    stekd_config *cfg = NULL;
+    if (stekd_config_load(config_path, &cfg) != STEK_OK) {
+        stek_log(STEK_LOG_ERROR, "stekd", "configuration: %s", stek_error_detail());
+        return EXIT_USAGE;
+    }
+
+    /* Signals go to the main thread only: block them before any thread starts. */
+    sigset_t sigs;
+    sigemptyset(&sigs);
+    sigaddset(&sigs, SIGTERM);
+    sigaddset(&sigs, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &sigs, NULL);
+
+    int rc = 0;
+    stek_p11 *p11 = NULL;
+    stekd_state *state = NULL;
+    stekd_cache *cache = NULL;
+    stekd_rpc *rpc = NULL;
+    scheduler sched = {0};
+    pthread_t sched_thread;
+    bool sched_started = false;
+    char *pem = NULL;
+
+    stek_p11_config pc = {
+        .module_path = cfg->hsm_module,
+        .token_label = cfg->hsm_token,
+        .pin_env = pin_file ? NULL : cfg->pin_env,
+        .pin_file = pin_file,
+        .so_pin_env = cfg->so_pin_env,
+    };
+    if (stek_p11_open(&pc, &p11) != STEK_OK) {
+        stek_log(STEK_LOG_ERROR, "stekd", "HSM: %s", stek_error_detail());
+        rc = EXIT_HSM;
+        goto done;
+    }
+    if (stek_p11_signing_pubkey_pem(p11, &pem) != STEK_OK) {
+        stek_log(STEK_LOG_ERROR, "stekd", "HSM: no service signing key (run stekctl init): %s",
+                 stek_error_detail());
+        rc = EXIT_HSM;
+        goto done;
+    }
+    if (stekd_state_new(cfg, p11, &state) != STEK_OK ||
+        stekd_cache_new(cfg->wrap_cache_entries, &cache) != STEK_OK) {
+        stek_log(STEK_LOG_ERROR, "stekd", "start-up: %s", stek_error_detail());
+        rc = EXIT_HSM;
+        goto done;
+    }
+    /* Start-up cleanup, then the first refresh, before anyone is served. */
+    for (size_t i = 0; i < cfg->n_groups; i++) {
+        stek_p11_generation *gens = NULL;
+        size_t n = 0;
+        if (stek_p11_generation_list(p11, cfg->groups[i].name, &gens, &n) == STEK_OK && n > 0 &&
+            stek_p11_chain_cleanup(p11, cfg->groups[i].name, gens[n - 1].generation) != STEK_OK)
+            stek_log(STEK_LOG_WARN, "stekd", "cleanup of %s: %s", cfg->groups[i].name,
+                     stek_error_detail());
+        free(gens);
+    }
+    (void)stekd_state_refresh(state, stekd_now());
+
+    stekd_handler h = {cfg, p11, state, cache};
+    if (stekd_rpc_start(&h, threads, &rpc) != STEK_OK) {
+        stek_log(STEK_LOG_ERROR, "stekd", "listen: %s", stek_error_detail());
+        rc = EXIT_NET;
+        goto done;
+    }
+    sched.state = state;
+    pthread_mutex_init(&sched.mu, NULL);
+    pthread_cond_init(&sched.cv, NULL);
+    sched_started = pthread_create(&sched_thread, NULL, scheduler_main, &sched) == 0;
+    stek_log(STEK_LOG_INFO, "stekd", "listening on %s (port %d), %zu group(s)", cfg->listen,
+             stekd_rpc_port(rpc), cfg->n_groups);
+    if (port_file != NULL && write_port_file(port_file, stekd_rpc_port(rpc)) != 0)
+        stek_log(STEK_LOG_WARN, "stekd", "cannot write port file %s", port_file);
+
+    int sig = 0;
+    sigwait(&sigs, &sig);
+    stek_log(STEK_LOG_INFO, "stekd", "signal %d: finishing in-flight calls", sig);
+
+done:
+    if (sched_started) {
+        pthread_mutex_lock(&sched.mu);
+        sched.stop = true;
+        pthread_cond_signal(&sched.cv);
+        pthread_mutex_unlock(&sched.mu);
+        pthread_join(sched_thread, NULL);
+        pthread_mutex_destroy(&sched.mu);
+        pthread_cond_destroy(&sched.cv);
+    }
+    stekd_rpc_stop(rpc, 3000);
+    stekd_cache_free(cache);
+    stekd_state_free(state);
+    free(pem);
+    stek_p11_close(p11);
+    stekd_config_free(cfg);
+    if (rc == 0)
+        stek_log(STEK_LOG_INFO, "stekd", "stopped");
+    return rc;
+}
