@@ -11,6 +11,7 @@
  * sends only when its previous send completed.
  */
 #include "rpc.h"
+#include "tls_engine.h"
 
 #include <pthread.h>
 #include <stdio.h>
@@ -23,6 +24,7 @@
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
 #include <grpc/slice.h>
+#include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/rand.h>
 
@@ -39,6 +41,7 @@ typedef enum kind {
     K_NEW_WATCH,
     K_NEW_HEALTH,
     K_NEW_OTHER, /* any unregistered method: answered UNIMPLEMENTED */
+    K_NEW_ECHO,  /* benchmark echo (STEKD_BENCH_ECHO=1 only) */
     K_UNARY_DONE,
     K_WATCH_SEND,
     K_WATCH_CLOSED,
@@ -96,6 +99,7 @@ struct stekd_rpc {
     grpc_server *server;
     grpc_completion_queue *cq;
     void *m_get, *m_watch, *m_health;
+    void *m_echo; /* benchmark echo: NULL unless STEKD_BENCH_ECHO=1 */
     int port;
     pthread_t *threads;
     unsigned n_threads;
@@ -217,7 +221,10 @@ static void request_next(stekd_rpc *r, kind k)
     if (k == K_NEW_OTHER) {
         e = grpc_server_request_call(r->server, &in->call, &in->details, &in->md, r->cq, r->cq, in);
     } else {
-        void *method = k == K_NEW_GET ? r->m_get : k == K_NEW_WATCH ? r->m_watch : r->m_health;
+        void *method = k == K_NEW_GET     ? r->m_get
+                       : k == K_NEW_WATCH ? r->m_watch
+                       : k == K_NEW_ECHO  ? r->m_echo
+                                          : r->m_health;
         e = grpc_server_request_registered_call(r->server, method, &in->call, &in->deadline,
                                                 &in->md, &in->payload, r->cq, r->cq, in);
     }
@@ -344,6 +351,40 @@ static void on_health(stekd_rpc *r, incoming *in)
     }
     if (m != NULL)
         grpc__health__v1__health_check_request__free_unpacked(m, NULL);
+    free(bytes);
+    in->call = NULL;
+}
+
+/* ---- benchmark echo (STEKD_BENCH_ECHO=1 only) --------------------------- */
+
+/*
+ * "/stek.bench.Echo/Echo" is the baseline of bench/bench_stekd's warm
+ * benchmark: the same binary, threads, completion queue, TLS and answer()
+ * as GetKeySet, with none of its work. The request's first 4 bytes are the
+ * wanted response size (big-endian); the answer is the request padded with
+ * zeros or truncated to that size, so it matches a key set byte for byte in
+ * length. It is registered only when the environment asks at start, so a
+ * production stekd never serves it.
+ */
+#define BENCH_ECHO_MAX_BYTES (1u << 20)
+
+static void on_echo(incoming *in)
+{
+    uint8_t *bytes = NULL;
+    size_t len = 0;
+    uint8_t *out = NULL;
+    size_t want = 0;
+    if (bb_read(in->payload, &bytes, &len) && len >= 4) {
+        want = (size_t)bytes[0] << 24 | (size_t)bytes[1] << 16 | (size_t)bytes[2] << 8 | bytes[3];
+        out = want <= BENCH_ECHO_MAX_BYTES ? calloc(1, want ? want : 1) : NULL;
+    }
+    if (out == NULL) {
+        answer(in->call, GRPC_STATUS_INVALID_ARGUMENT, "echo: bad size", NULL, 0);
+    } else {
+        memcpy(out, bytes, len < want ? len : want);
+        answer(in->call, GRPC_STATUS_OK, "", out, want);
+    }
+    free(out);
     free(bytes);
     in->call = NULL;
 }
@@ -630,7 +671,8 @@ static void dispatch(stekd_rpc *r, void *tag, bool ok)
     case K_NEW_GET:
     case K_NEW_WATCH:
     case K_NEW_HEALTH:
-    case K_NEW_OTHER: {
+    case K_NEW_OTHER:
+    case K_NEW_ECHO: {
         incoming *in = tag;
         if (!ok) { /* shutting down: the request was cancelled */
             incoming_free(in);
@@ -643,6 +685,8 @@ static void dispatch(stekd_rpc *r, void *tag, bool ok)
             on_watch(r, in);
         } else if (k == K_NEW_HEALTH) {
             on_health(r, in);
+        } else if (k == K_NEW_ECHO) {
+            on_echo(in);
         } else {
             /* Without an answer the caller would wait for its deadline. */
             answer(in->call, GRPC_STATUS_UNIMPLEMENTED, "unknown method", NULL, 0);
@@ -803,8 +847,17 @@ stek_status stekd_rpc_start(const stekd_handler *h, unsigned threads, stekd_rpc 
                                              GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
     r->m_health = grpc_server_register_method(r->server, "/grpc.health.v1.Health/Check", NULL,
                                               GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
+    /* Benchmark echo: read once, here; see on_echo. */
+    const char *echo_env = getenv("STEKD_BENCH_ECHO");
+    if (echo_env != NULL && strcmp(echo_env, "1") == 0) {
+        r->m_echo = grpc_server_register_method(r->server, "/stek.bench.Echo/Echo", NULL,
+                                                GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
+        stek_log(STEK_LOG_WARN, "stekd", "benchmark echo method enabled");
+    }
     r->port = grpc_server_add_http2_port(r->server, h->cfg->listen, creds);
     grpc_server_credentials_release(creds);
+    if (strncmp(h->cfg->tls_key, "pkcs11:", 7) == 0)
+        stekd_tls_engine_withdraw_defaults();
     if (r->port == 0) {
         st = stek_error_set(STEK_ERR_IO, "cannot listen on %s", h->cfg->listen);
         /* gRPC asserts that a server is shut down before it is destroyed. */
@@ -826,6 +879,8 @@ stek_status stekd_rpc_start(const stekd_handler *h, unsigned threads, stekd_rpc 
     for (unsigned i = 0; i < threads * 2; i++) {
         request_next(r, K_NEW_GET);
         request_next(r, K_NEW_WATCH);
+        if (r->m_echo != NULL)
+            request_next(r, K_NEW_ECHO);
     }
     request_next(r, K_NEW_HEALTH);
     request_next(r, K_NEW_OTHER);
