@@ -46,8 +46,8 @@ typedef struct stekd_config {
     char *tls_client_ca; /* PEM path: the fleet CA that issues host certificates */
     char *hsm_module;
     char *hsm_token;
-    char *pin_env;    /* default "STEK_PIN" */
-    char *so_pin_env; /* default "STEK_SO_PIN" */
+    char *pin_env;             /* default "STEK_PIN" */
+    char *so_pin_env;          /* default "STEK_SO_PIN" */
     unsigned max_jump;         /* default 2 */
     uint64_t heartbeat_s;      /* default 30 */
     uint64_t jitter_ms;        /* default 2000: spread of per-host work at a rotation */
