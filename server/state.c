@@ -244,6 +244,25 @@ done:
     return status;
 }
 
+/* The oldest ticket key of (g, n) in the token. */
+static bool oldest_ticket(stekd_state *st, const char *group, uint32_t n, uint64_t *oldest)
+{
+    stek_p11_object_info *o = NULL;
+    size_t count = 0;
+    if (stek_p11_list(st->p11, &o, &count) != STEK_OK)
+        return false;
+    bool found = false;
+    for (size_t i = 0; i < count; i++) {
+        if (o[i].kind == STEK_P11_KIND_TICKET && o[i].generation == n &&
+            strcmp(o[i].group, group) == 0 && (!found || o[i].epoch < *oldest)) {
+            *oldest = o[i].epoch;
+            found = true;
+        }
+    }
+    free(o);
+    return found;
+}
+
 /* One group's refresh. Returns the Unix time of its next rotation. */
 static int64_t refresh_group(stekd_state *st, group_slot *g, int64_t now)
 {
@@ -312,8 +331,18 @@ static int64_t refresh_group(stekd_state *st, group_slot *g, int64_t now)
                  cfg->name, destroyed, (unsigned long long)first);
     /* An older generation's keys stop being served the moment a newer one
      * exists; `stekctl rekey` destroys them. */
-    if (status == STEK_OK)
+    if (status == STEK_OK) {
         status = load_names(st, g, n, first, last);
+        /* A replica seeded from another HSM's chain key mid-generation holds
+         * no keys below that key's epoch: serve from its oldest key on
+         * (current and next must exist; the decrypt window fills in). */
+        uint64_t oldest = 0;
+        if (status == STEK_ERR_NOT_FOUND && oldest_ticket(st, cfg->name, n, &oldest) &&
+            oldest > first && oldest <= e) {
+            first = oldest;
+            status = load_names(st, g, n, first, last);
+        }
+    }
     if (status != STEK_OK) {
         publish_unavailable(st, g, "%s", stek_error_detail());
         return next;

@@ -91,20 +91,17 @@ static void test_tls_key_in_token(void **state)
 
     /* Put the key and its certificate into the token, then delete the PEM
      * key file so nothing but the token can serve the handshake. */
-    char *wk[] = {"pkcs11-tool", "--module",  d.tok.module,  "--login", "--pin",
-                  d.tok.pin,     "--token-label", d.tok.label, "--write-object", key_der,
-                  "--type",      "privkey",   "--label",     "stekd-tls", "--id",
-                  "5a01",        NULL};
+    char *wk[] = {"pkcs11-tool",   "--module",  d.tok.module,     "--login", "--pin",  d.tok.pin,
+                  "--token-label", d.tok.label, "--write-object", key_der,   "--type", "privkey",
+                  "--label",       "stekd-tls", "--id",           "5a01",    NULL};
     assert_int_equal(run(wk), 0);
-    char *wc[] = {"pkcs11-tool", "--module",  d.tok.module,  "--login", "--pin",
-                  d.tok.pin,     "--token-label", d.tok.label, "--write-object", cert_der,
-                  "--type",      "cert",      "--label",     "stekd-tls", "--id",
-                  "5a01",        NULL};
+    char *wc[] = {"pkcs11-tool",   "--module",  d.tok.module,     "--login", "--pin",  d.tok.pin,
+                  "--token-label", d.tok.label, "--write-object", cert_der,  "--type", "cert",
+                  "--label",       "stekd-tls", "--id",           "5a01",    NULL};
     assert_int_equal(run(wc), 0);
     char uri[2 * FX_PATH_MAX];
-    snprintf(uri, sizeof(uri),
-             "pkcs11:token=%s;object=stekd-tls;type=private?pin-source=file:%s", d.tok.label,
-             d.tok.pin_file);
+    snprintf(uri, sizeof(uri), "pkcs11:token=%s;object=stekd-tls;type=private?pin-source=file:%s",
+             d.tok.label, d.tok.pin_file);
     assert_int_equal(config_replace(d.server.key_path, uri), 0);
     assert_int_equal(remove(d.server.key_path), 0);
     assert_int_equal(remove(key_der), 0);
@@ -122,8 +119,7 @@ static void test_tls_key_in_token(void **state)
     assert_int_equal(RAND_bytes(nonce, sizeof(nonce)), 1);
     fx_grpc *ch = NULL;
     assert_int_equal(
-        fx_grpc_open(&ch, d.target, d.ca.cert_path, host.cert_path, host.key_path, "localhost"),
-        0);
+        fx_grpc_open(&ch, d.target, d.ca.cert_path, host.cert_path, host.key_path, "localhost"), 0);
     uint8_t *req = NULL;
     size_t len = 0;
     assert_int_equal(
@@ -143,7 +139,14 @@ static void test_tls_key_in_token(void **state)
     int code = -1;
     assert_int_equal(fx_stekd_stop(&d, 8000, &code), 0);
     assert_int_equal(code, 0);
+}
+
+/* Runs even when an assertion failed: stekd never outlives the test. */
+static int teardown(void **state)
+{
+    (void)state;
     fx_stekd_destroy(&d);
+    return 0;
 }
 
 int main(void)
@@ -151,5 +154,5 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_tls_key_in_token),
     };
-    return cmocka_run_group_tests(tests, NULL, NULL);
+    return cmocka_run_group_tests(tests, NULL, teardown);
 }
