@@ -469,8 +469,17 @@ stek_status stek_p11_chain_import(stek_p11 *p11, const char *group, uint32_t gen
     CK_ULONG nt = p11_force_sensitive(t, sizeof(t) / sizeof(t[0]), forced);
     CK_MECHANISM m = {CKM_RSA_PKCS_OAEP, &oaep, sizeof(oaep)};
     CK_OBJECT_HANDLE out;
-    STEK_GUARD_GOTO(P11_CALL(p11, C_UnwrapKey, s.h, &m, tk, (CK_BYTE_PTR)blob, (CK_ULONG)blob_len,
-                             forced, nt, &out));
+    st = P11_CALL(p11, C_UnwrapKey, s.h, &m, tk, (CK_BYTE_PTR)blob, (CK_ULONG)blob_len, forced,
+                  nt, &out);
+    /* SoftHSM reports a blob that fails OAEP decoding as CKR_GENERAL_ERROR;
+     * with the token demonstrably there, that means a damaged or foreign blob. */
+    if (st == STEK_ERR_HSM && p11_token_present(&s)) {
+        char why[128];
+        snprintf(why, sizeof(why), "%s", stek_error_detail());
+        st = stek_error_set(STEK_ERR_VERIFY,
+                            "%s: the blob is damaged or was made for another transport key", why);
+    }
+    STEK_GUARD_GOTO(st);
     stek_log(STEK_LOG_INFO, "pkcs11", "imported %s epoch %llu", clabel, (unsigned long long)epoch);
 done:
     p11_sess_note(&s, st);
