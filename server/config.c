@@ -371,6 +371,14 @@ static stek_status load_group(const loader *ld, const config_setting_t *g, size_
         snprintf(why, sizeof(why), "%s", stek_error_detail());
         return fail_at(ld, g, "group \"%s\": bad schedule: %s", out->name, why);
     }
+    /* Every set carries next, current and ceil(L/P) older keys: bound it so
+     * a set stays far below gRPC's and the hosts' message limits. */
+    uint64_t keys = stek_sched_past_epochs(&out->sched) + 2;
+    if (keys > STEKD_MAX_KEYS_PER_SET)
+        return fail_at(ld, g,
+                       "group \"%s\": decrypt_lifetime / epoch gives %llu keys per set; "
+                       "at most %d (lengthen the epoch or shorten the lifetime)",
+                       out->name, (unsigned long long)keys, STEKD_MAX_KEYS_PER_SET);
     return STEK_OK;
 }
 

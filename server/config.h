@@ -31,6 +31,10 @@
 #include "schedule.h"
 #include "status.h"
 
+/* next + current + ceil(L/P) past keys may not exceed this (88-byte blobs:
+ * about 130 KiB per set at the limit). */
+#define STEKD_MAX_KEYS_PER_SET 1024
+
 typedef struct stekd_group_cfg {
     char name[STEK_GROUP_MAX_BYTES + 1];
     stek_sched sched; /* origin, epoch_s, lifetime_s (default 18 h) */

@@ -392,6 +392,20 @@ static void test_bad_origin(void **state)
                 "group \"late\": bad schedule");
 }
 
+/* A set must stay small: ceil(L/P) + 2 keys, at most STEKD_MAX_KEYS_PER_SET. */
+static void test_keys_per_set_bounded(void **state)
+{
+    (void)state;
+    expect_fail(LISTEN TLS HSM "groups = (\n { name = \"huge\"; epoch = \"1s\"; #<\n"
+                               "   decrypt_lifetime = \"2h\"; allow = [ \"uri:x\" ]; }\n);\n",
+                "7202 keys per set; at most 1024");
+    /* 1022 past epochs + 2 is exactly the limit. */
+    stekd_config *c = load_ok(LISTEN TLS HSM "groups = (\n { name = \"edge\"; epoch = \"1s\";\n"
+                                             "   decrypt_lifetime = \"1022s\";"
+                                             " allow = [ \"uri:x\" ]; }\n);\n");
+    stekd_config_free(c);
+}
+
 static void test_bad_group_names(void **state)
 {
     (void)state;
@@ -543,9 +557,9 @@ int main(void)
         cmocka_unit_test(test_syntax_error),         cmocka_unit_test(test_unknown_settings),
         cmocka_unit_test(test_missing_settings),     cmocka_unit_test(test_wrong_types),
         cmocka_unit_test(test_bad_durations),        cmocka_unit_test(test_bad_origin),
-        cmocka_unit_test(test_bad_group_names),      cmocka_unit_test(test_bad_patterns),
-        cmocka_unit_test(test_pins_refused),         cmocka_unit_test(test_file_errors),
-        cmocka_unit_test(test_parse_duration),
+        cmocka_unit_test(test_keys_per_set_bounded), cmocka_unit_test(test_bad_group_names),
+        cmocka_unit_test(test_bad_patterns),         cmocka_unit_test(test_pins_refused),
+        cmocka_unit_test(test_file_errors),          cmocka_unit_test(test_parse_duration),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
