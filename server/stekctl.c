@@ -58,6 +58,10 @@ static const char usage_text[] =
     "  export-chain GROUP --transport FILE --id ID --out FILE\n"
     "                                 (source HSM, SO PIN) wrap the chain key to it\n"
     "  import-chain --in FILE         (target HSM) unwrap an exported chain key\n"
+    "  fetch GROUP --target HOST:PORT --ca FILE --cert FILE --key FILE --pubkey FILE\n"
+    "        [--server-name NAME] [--timeout MS]\n"
+    "                                 debugging client: GetKeySet as a host would, then\n"
+    "                                 print the set's metadata and whether it is accepted\n"
     "\n"
     "The user PIN comes from --pin-file or the variable named by hsm.pin_env, the SO PIN\n"
     "from --so-pin-file or hsm.so_pin_env; never from the command line.\n"
@@ -593,6 +597,7 @@ static const command commands[] = {
     {"transport-create", stekctl_cmd_transport_create},
     {"export-chain", stekctl_cmd_export_chain},
     {"import-chain", stekctl_cmd_import_chain},
+    {"fetch", stekctl_cmd_fetch},
 };
 
 int main(int argc, char **argv)

@@ -77,6 +77,7 @@ void stekctl_rfc3339(int64_t t, char out[32]);
 
 /* The commands; argv[0] is the command's name. Each reports its own errors. */
 STEK_MUST_USE stek_status stekctl_cmd_keys(stekctl *c, int argc, char **argv);
+STEK_MUST_USE stek_status stekctl_cmd_fetch(stekctl *c, int argc, char **argv);
 STEK_MUST_USE stek_status stekctl_cmd_transport_create(stekctl *c, int argc, char **argv);
 STEK_MUST_USE stek_status stekctl_cmd_export_chain(stekctl *c, int argc, char **argv);
 STEK_MUST_USE stek_status stekctl_cmd_import_chain(stekctl *c, int argc, char **argv);

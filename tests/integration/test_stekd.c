@@ -11,11 +11,16 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <time.h>
 
 #include <openssl/evp.h>
 #include <openssl/pem.h>
 #include <openssl/rand.h>
+
+#ifndef STEKCTL_PATH
+#error "STEKCTL_PATH must name the stekctl binary"
+#endif
 
 #include "fx_grpc.h"
 #include "fx_stekd.h"
@@ -492,6 +497,70 @@ static void test_watch_rotation(void **state)
     fx_grpc_stream_cancel_and_free(s);
 }
 
+/* Runs stekctl fetch with host h's certificate; returns the exit code and the output. */
+static int fetch_cmd(const host *h, const char *group, const char *pubkey, char *out, size_t cap)
+{
+    char log[FX_PATH_MAX + 32];
+    snprintf(log, sizeof(log), "%s/fetch-%s.log", d.dir, group);
+    remove(log);
+    char *argv[] = {STEKCTL_PATH,
+                    "--config",
+                    d.config_path,
+                    "fetch",
+                    (char *)group,
+                    "--target",
+                    d.target,
+                    "--ca",
+                    d.ca.cert_path,
+                    "--cert",
+                    (char *)h->cert.cert_path,
+                    "--key",
+                    (char *)h->cert.key_path,
+                    "--pubkey",
+                    (char *)pubkey,
+                    "--server-name",
+                    "localhost",
+                    NULL};
+    pid_t pid;
+    int status = -1;
+    assert_int_equal(fx_spawn(argv, log, &pid), 0);
+    assert_int_equal(fx_wait_exit(pid, 20000, &status), 0);
+    FILE *f = fopen(log, "r");
+    assert_non_null(f);
+    size_t n = fread(out, 1, cap - 1, f);
+    out[n] = '\0';
+    fclose(f);
+    return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+}
+
+/* stekctl fetch: a host's view of a set, checked like a host would. */
+static void test_stekctl_fetch(void **state)
+{
+    (void)state;
+    static char out[16384];
+    assert_int_equal(fetch_cmd(&edge_a, "edge", d.signing_pem_path, out, sizeof(out)), 0);
+    assert_non_null(strstr(out, "signature    valid"));
+    assert_non_null(strstr(out, "identity     uri:spiffe://fleet/edge/a"));
+    assert_non_null(strstr(out, " current "));
+    assert_non_null(strstr(out, " next "));
+
+    /* Another key pinned: the set is rejected, exit 1. */
+    char other_pem[FX_PATH_MAX + 32];
+    snprintf(other_pem, sizeof(other_pem), "%s/not-the-service.pem", d.dir);
+    FILE *f = fopen(other_pem, "w");
+    assert_non_null(f);
+    EVP_PKEY *k = EVP_EC_gen("P-256");
+    assert_int_equal(PEM_write_PUBKEY(f, k), 1);
+    fclose(f);
+    EVP_PKEY_free(k);
+    assert_int_equal(fetch_cmd(&edge_a, "edge", other_pem, out, sizeof(out)), 1);
+    assert_non_null(strstr(out, "STEK_REJECT_SIGNATURE"));
+
+    /* A host of another group: the server's refusal is shown, exit 1. */
+    assert_int_equal(fetch_cmd(&edge_a, "other", d.signing_pem_path, out, sizeof(out)), 1);
+    assert_non_null(strstr(out, "status       7"));
+}
+
 /* SIGTERM: stekd finishes and exits 0 within a few seconds. */
 static void test_sigterm(void **state)
 {
@@ -513,6 +582,7 @@ int main(void)
         cmocka_unit_test(test_health),
         cmocka_unit_test(test_unknown_method),
         cmocka_unit_test(test_watch_rotation),
+        cmocka_unit_test(test_stekctl_fetch),
         cmocka_unit_test(test_sigterm),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
