@@ -25,15 +25,17 @@
 #include "fx_grpc.h"
 #include "fx_stekd.h"
 #include "hostwrap.h"
+#include "stek_p11.h"
 #include "stek/v1/stek.pb-c.h"
 
 #define EPOCH_S 4
-#define LIFETIME_S 8 /* two past epochs in every set */
+#define LIFETIME_S 4 /* one past epoch in every set: keys expire during the run */
 #define GET "/stek.v1.KeyService/GetKeySet"
 #define WATCH "/stek.v1.KeyService/WatchKeySet"
 
 static fx_stekd d;
 static EVP_PKEY *service_key; /* the pinned signing key */
+static uint64_t epoch_at_start;
 
 typedef struct host {
     fx_cert cert;
@@ -73,6 +75,7 @@ static int setup(void **state)
     (void)state;
     if (fx_stekd_setup(&d, EPOCH_S, LIFETIME_S, groups, 2, NULL) != 0 || fx_stekd_start(&d) != 0)
         return -1;
+    epoch_at_start = fx_stekd_epoch_now(&d);
     FILE *f = fopen(d.signing_pem_path, "r");
     service_key = f ? PEM_read_PUBKEY(f, NULL, NULL, NULL) : NULL;
     if (f)
@@ -562,12 +565,56 @@ static void test_stekctl_fetch(void **state)
 }
 
 /* SIGTERM: stekd finishes and exits 0 within a few seconds. */
+static uint64_t epoch_at_stop;
+
 static void test_sigterm(void **state)
 {
     (void)state;
     int code = -1;
     assert_int_equal(fx_stekd_stop(&d, 8000, &code), 0);
     assert_int_equal(code, 0);
+    epoch_at_stop = fx_stekd_epoch_now(&d);
+}
+
+/*
+ * After the run (several rotations), the token itself holds no ticket key
+ * older than the decrypt window: stekd destroyed them in the HSM, on
+ * schedule, not just stopped serving them.
+ */
+static void test_keys_destroyed_in_hsm(void **state)
+{
+    (void)state;
+    assert_true(epoch_at_stop > 0);
+    stek_p11_config c = {
+        .module_path = d.tok.module, .token_label = d.tok.label, .pin_env = d.tok.pin_env};
+    stek_p11 *p11 = NULL;
+    assert_int_equal(fx_token_activate(&d.tok), 0);
+    assert_int_equal(stek_p11_open(&c, &p11), STEK_OK);
+    stek_p11_object_info *o = NULL;
+    size_t n = 0;
+    assert_int_equal(stek_p11_list(p11, &o, &n), STEK_OK);
+    uint64_t oldest = UINT64_MAX, newest = 0;
+    size_t tickets = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (o[i].kind != STEK_P11_KIND_TICKET || strcmp(o[i].group, "edge") != 0)
+            continue;
+        tickets++;
+        oldest = o[i].epoch < oldest ? o[i].epoch : oldest;
+        newest = o[i].epoch > newest ? o[i].epoch : newest;
+    }
+    free(o);
+    stek_p11_close(p11);
+    fprintf(stderr, "token after the run: %zu ticket keys, epochs %llu..%llu, stopped in %llu\n",
+            tickets, (unsigned long long)oldest, (unsigned long long)newest,
+            (unsigned long long)epoch_at_stop);
+    /* One epoch of slack: stekd may have stopped just before a boundary. */
+    assert_true(oldest + LIFETIME_S / EPOCH_S + 1 >= epoch_at_stop);
+    assert_true(tickets <= LIFETIME_S / EPOCH_S + 3);
+    /* The watch test waited for two rotations, so the first epoch's key is
+     * past its window and must be gone from the token. */
+    assert_true(epoch_at_stop >= epoch_at_start + 2);
+    assert_true(oldest > epoch_at_start);
+    assert_true(newest <= epoch_at_stop + 1);
 }
 
 int main(void)
@@ -584,6 +631,7 @@ int main(void)
         cmocka_unit_test(test_watch_rotation),
         cmocka_unit_test(test_stekctl_fetch),
         cmocka_unit_test(test_sigterm),
+        cmocka_unit_test(test_keys_destroyed_in_hsm),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
