@@ -9,7 +9,11 @@
 #include <stdio.h>
 #include <string.h>
 
+#include <openssl/evp.h>
+#include <openssl/pem.h>
 #include <openssl/x509v3.h>
+#include <pthread.h>
+#include <stdlib.h>
 
 #include "log.h"
 #include "policy.h"
@@ -57,9 +61,9 @@ static bool allowed_identity(const stekd_group_cfg *g, const stekd_peer *peer, c
     return false;
 }
 
-grpc_status_code stekd_handle_validate(const stekd_handler *h, const stekd_peer *peer,
-                                       const uint8_t *bytes, size_t len, stekd_request *req,
-                                       char *details, size_t details_len)
+static grpc_status_code validate(const stekd_handler *h, const stekd_peer *peer, X509 *cert,
+                                 const uint8_t *bytes, size_t len, stekd_request *req,
+                                 char *details, size_t details_len)
 {
     /* GetKeySetRequest and WatchKeySetRequest share fields and numbers. */
     Stek__V1__GetKeySetRequest *m = stek__v1__get_key_set_request__unpack(NULL, len, bytes);
@@ -81,7 +85,7 @@ grpc_status_code stekd_handle_validate(const stekd_handler *h, const stekd_peer 
                       "nonce must be %d to %d bytes", STEK_NONCE_MIN_BYTES, STEK_NONCE_MAX_BYTES);
         goto done;
     }
-    if (peer->cert == NULL || !has_client_auth(peer->cert)) {
+    if (cert == NULL || !has_client_auth(cert)) {
         code = refuse(GRPC_STATUS_PERMISSION_DENIED, details, details_len,
                       "client certificate lacks extended key usage clientAuth");
         goto done;
@@ -98,7 +102,7 @@ grpc_status_code stekd_handle_validate(const stekd_handler *h, const stekd_peer 
                       "eph_pub is not a valid P-256 point: %s", stek_error_detail());
         goto done;
     }
-    if (stek_reqsig_verify(X509_get0_pubkey(peer->cert), m->group, m->eph_pub.data, m->eph_pub.len,
+    if (stek_reqsig_verify(X509_get0_pubkey(cert), m->group, m->eph_pub.data, m->eph_pub.len,
                            m->nonce.data, m->nonce.len, m->signature.data,
                            m->signature.len) != STEK_OK) {
         code = refuse(GRPC_STATUS_UNAUTHENTICATED, details, details_len,
@@ -111,6 +115,108 @@ grpc_status_code stekd_handle_validate(const stekd_handler *h, const stekd_peer 
     req->nonce_len = m->nonce.len;
 done:
     stek__v1__get_key_set_request__free_unpacked(m, NULL);
+    return code;
+}
+
+/* ---- the validated-request cache ---------------------------------------- */
+
+typedef struct ventry {
+    uint8_t key[32];
+    int64_t at; /* stekd_now() when stored; 0 = empty */
+    stekd_request req;
+} ventry;
+
+struct stekd_vcache {
+    pthread_mutex_t mu;
+    size_t n;
+    ventry *slots;
+};
+
+stek_status stekd_vcache_new(size_t entries, stekd_vcache **out)
+{
+    STEK_ENSURE(out != NULL && entries > 0 && entries < (1u << 22), STEK_ERR_INVALID_ARG);
+    stekd_vcache *v = calloc(1, sizeof(*v));
+    STEK_ENSURE(v != NULL, STEK_ERR_NOMEM);
+    v->slots = calloc(entries, sizeof(*v->slots));
+    if (v->slots == NULL) {
+        free(v);
+        STEK_BAIL(STEK_ERR_NOMEM, "validated-request cache of %zu", entries);
+    }
+    v->n = entries;
+    pthread_mutex_init(&v->mu, NULL);
+    *out = v;
+    return STEK_OK;
+}
+
+void stekd_vcache_free(stekd_vcache *v)
+{
+    if (v == NULL)
+        return;
+    pthread_mutex_destroy(&v->mu);
+    free(v->slots);
+    free(v);
+}
+
+static bool vkey(const stekd_peer *peer, const uint8_t *bytes, size_t len, uint8_t out[32])
+{
+    EVP_MD_CTX *md = EVP_MD_CTX_new();
+    size_t pem_len = peer->cert_pem_len;
+    bool ok = md != NULL && EVP_DigestInit_ex(md, EVP_sha256(), NULL) == 1 &&
+              EVP_DigestUpdate(md, &pem_len, sizeof(pem_len)) == 1 &&
+              EVP_DigestUpdate(md, peer->cert_pem, pem_len) == 1 &&
+              EVP_DigestUpdate(md, bytes, len) == 1 && EVP_DigestFinal_ex(md, out, NULL) == 1;
+    EVP_MD_CTX_free(md);
+    return ok;
+}
+
+static bool vcache_get(stekd_vcache *v, const uint8_t key[32], int64_t now, stekd_request *req)
+{
+    size_t i;
+    memcpy(&i, key, sizeof(i));
+    ventry *e = &v->slots[i % v->n];
+    pthread_mutex_lock(&v->mu);
+    bool hit = e->at != 0 && now >= e->at && now - e->at < STEKD_KEYSET_MAX_AGE_S &&
+               memcmp(e->key, key, 32) == 0;
+    if (hit)
+        *req = e->req;
+    pthread_mutex_unlock(&v->mu);
+    return hit;
+}
+
+static void vcache_put(stekd_vcache *v, const uint8_t key[32], int64_t now,
+                       const stekd_request *req)
+{
+    size_t i;
+    memcpy(&i, key, sizeof(i));
+    ventry *e = &v->slots[i % v->n];
+    pthread_mutex_lock(&v->mu);
+    memcpy(e->key, key, 32);
+    e->at = now;
+    e->req = *req;
+    pthread_mutex_unlock(&v->mu);
+}
+
+grpc_status_code stekd_handle_validate(const stekd_handler *h, const stekd_peer *peer,
+                                       const uint8_t *bytes, size_t len, stekd_request *req,
+                                       char *details, size_t details_len)
+{
+    uint8_t key[32];
+    int64_t now = stekd_now();
+    bool keyed = h->vcache != NULL && peer->cert_pem != NULL && vkey(peer, bytes, len, key);
+    if (keyed && vcache_get(h->vcache, key, now, req))
+        return GRPC_STATUS_OK;
+
+    X509 *cert = NULL;
+    if (peer->cert_pem != NULL && peer->cert_pem_len > 0 && peer->cert_pem_len < (1u << 20)) {
+        BIO *bio = BIO_new_mem_buf(peer->cert_pem, (int)peer->cert_pem_len);
+        if (bio != NULL)
+            cert = PEM_read_bio_X509(bio, NULL, NULL, NULL);
+        BIO_free(bio);
+    }
+    grpc_status_code code = validate(h, peer, cert, bytes, len, req, details, details_len);
+    X509_free(cert);
+    if (code == GRPC_STATUS_OK && keyed)
+        vcache_put(h->vcache, key, now, req);
     return code;
 }
 

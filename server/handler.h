@@ -27,19 +27,39 @@
 #define STEKD_IDENTITY_MAX 600
 
 typedef struct stekd_peer {
-    X509 *cert;              /* the verified client certificate (borrowed) */
+    /* The verified client certificate as gRPC reports it (PEM, borrowed).
+     * It is parsed only when a request is not already known to be valid. */
+    const char *cert_pem;
+    size_t cert_pem_len;
     const char *const *uris; /* URI SANs, as gRPC reports them (peer_uri) */
     size_t n_uris;
     const char *const *dns; /* DNS SANs (peer_dns) */
     size_t n_dns;
 } stekd_peer;
 
+typedef struct stekd_vcache stekd_vcache;
+
 typedef struct stekd_handler {
     const stekd_config *cfg;
     stek_p11 *p11;
     stekd_state *state;
     stekd_cache *cache;
+    stekd_vcache *vcache; /* validated requests; NULL disables */
 } stekd_handler;
+
+/*
+ * The validated-request cache. A host that keeps its ephemeral key resends
+ * the same signed request bytes; once they passed every check for one
+ * client certificate, the same (certificate, bytes) pair is valid again
+ * (policy and schedule do not depend on the request), so a repeat skips
+ * certificate parsing, the point check and the signature check. Keyed on
+ * SHA-256(certificate PEM || request bytes): any other byte, a bad
+ * signature included, misses. Direct-mapped, `entries` slots, entries older
+ * than STEKD_KEYSET_MAX_AGE_S are ignored. Only successes are stored.
+ */
+#define STEKD_VCACHE_ENTRIES 4096
+STEK_MUST_USE stek_status stekd_vcache_new(size_t entries, stekd_vcache **out);
+void stekd_vcache_free(stekd_vcache *v);
 
 /* A validated request, kept by a watch stream to build later sets. */
 typedef struct stekd_request {

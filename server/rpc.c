@@ -154,6 +154,7 @@ static bool bb_read(grpc_byte_buffer *bb, uint8_t **out, size_t *len)
 /* The verified peer: certificate and typed SANs from the auth context. */
 typedef struct peer_buf {
     stekd_peer p;
+    char *pem;
     char *uris[MAX_SANS], *dns[MAX_SANS];
 } peer_buf;
 
@@ -176,11 +177,11 @@ static void peer_read(grpc_call *call, peer_buf *pb)
     grpc_auth_property_iterator it =
         grpc_auth_context_find_properties_by_name(ctx, GRPC_X509_PEM_CERT_PROPERTY_NAME);
     const grpc_auth_property *prop = grpc_auth_property_iterator_next(&it);
-    if (prop != NULL) {
-        BIO *bio = BIO_new_mem_buf(prop->value, (int)prop->value_length);
-        if (bio != NULL)
-            pb->p.cert = PEM_read_bio_X509(bio, NULL, NULL, NULL);
-        BIO_free(bio);
+    if (prop != NULL && (pb->pem = prop_dup(prop)) != NULL) {
+        /* Parsed by the handler only when the request is not already known
+         * to be valid: PEM decoding dominates a warm call otherwise. */
+        pb->p.cert_pem = pb->pem;
+        pb->p.cert_pem_len = prop->value_length;
     }
     it = grpc_auth_context_find_properties_by_name(ctx, GRPC_PEER_URI_PROPERTY_NAME);
     while ((prop = grpc_auth_property_iterator_next(&it)) != NULL && pb->p.n_uris < MAX_SANS)
@@ -197,7 +198,7 @@ static void peer_read(grpc_call *call, peer_buf *pb)
 
 static void peer_free(peer_buf *pb)
 {
-    X509_free(pb->p.cert);
+    free(pb->pem);
     for (size_t i = 0; i < pb->p.n_uris; i++)
         free(pb->uris[i]);
     for (size_t i = 0; i < pb->p.n_dns; i++)

@@ -139,6 +139,7 @@ int main(int argc, char **argv)
     stek_p11 *p11 = NULL;
     stekd_state *state = NULL;
     stekd_cache *cache = NULL;
+    stekd_vcache *vcache = NULL;
     stekd_rpc *rpc = NULL;
     scheduler sched = {0};
     pthread_t sched_thread;
@@ -181,7 +182,12 @@ int main(int argc, char **argv)
     }
     (void)stekd_state_refresh(state, stekd_now());
 
-    stekd_handler h = {cfg, p11, state, cache};
+    if (stekd_vcache_new(STEKD_VCACHE_ENTRIES, &vcache) != STEK_OK) {
+        stek_log(STEK_LOG_ERROR, "stekd", "start-up: %s", stek_error_detail());
+        rc = EXIT_HSM;
+        goto done;
+    }
+    stekd_handler h = {cfg, p11, state, cache, vcache};
     if (stekd_rpc_start(&h, threads, &rpc) != STEK_OK) {
         stek_log(STEK_LOG_ERROR, "stekd", "listen: %s", stek_error_detail());
         rc = EXIT_NET;
@@ -212,6 +218,7 @@ done:
     }
     stekd_rpc_stop(rpc, 3000);
     stekd_cache_free(cache);
+    stekd_vcache_free(vcache);
     stekd_state_free(state);
     free(pem);
     stek_p11_close(p11);
