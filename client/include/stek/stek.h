@@ -1,0 +1,252 @@
+/*
+ * libstek: TLS session-ticket keys from a stek key service, installed in
+ * OpenSSL's ticket callback, so that every TLS server of a group issues and
+ * resumes the same tickets.
+ *
+ *     stek_options *o = NULL;
+ *     stek_options_new(&o);
+ *     stek_options_add_server(o, "stekd-1.example:7443");
+ *     stek_options_add_server(o, "stekd-2.example:7443");
+ *     stek_options_set_ca(o, "/etc/stek/ca.pem");
+ *     stek_options_set_cert(o, "/etc/stek/host.pem", "/etc/stek/host-key.pem");
+ *     stek_options_set_service_key(o, "/etc/stek/service.pub.pem");
+ *     stek_options_set_group(o, "edge");
+ *     stek_options_set_state_dir(o, "/var/lib/myserver/stek");
+ *     stek_client *c = NULL;
+ *     if (stek_client_new(o, &c) != STEK_RESULT_OK) ...
+ *     stek_options_free(o);
+ *     stek_client_wait_ready(c, 5000);          // optional: tickets flow once ready
+ *     stek_client_attach(c, listener_ssl_ctx);  // the listener's initial SSL_CTX
+ *     ... serve ...
+ *     SSL_CTX_free(listener_ssl_ctx);           // detach: no handshake may run any more
+ *     stek_client_free(c);
+ *
+ * Conventions: every function returns a stek_result (or nothing); outputs
+ * are written only on STEK_RESULT_OK. Objects are opaque. Strings passed in
+ * are copied: the caller keeps ownership of its arguments. Nothing here
+ * prints; failures are logged on stderr by the library's logger (level from
+ * STEK_LOG_LEVEL).
+ *
+ * Link with -lstek (which needs OpenSSL 3 and gRPC core at run time).
+ */
+#ifndef STEK_STEK_H
+#define STEK_STEK_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <openssl/ssl.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(__GNUC__)
+#define STEK_API __attribute__((visibility("default")))
+#else
+#define STEK_API
+#endif
+
+/* Size of a ticket key name: the first 16 bytes of every ticket. */
+#define STEK_KEY_NAME_BYTES 16
+/* HMAC-SHA-256 key and AES-256-CBC key of one ticket key. */
+#define STEK_HMAC_KEY_BYTES 32
+#define STEK_AES_KEY_BYTES 32
+/* Longest group name, without its NUL. */
+#define STEK_GROUP_NAME_MAX_BYTES 64
+/* Most service replicas and pinned service keys one client takes. */
+#define STEK_MAX_SERVERS 16
+#define STEK_MAX_SERVICE_KEYS 8
+
+typedef enum stek_result {
+    STEK_RESULT_OK = 0,
+    STEK_RESULT_INVALID_ARGUMENT, /* NULL, empty, too long, or out of contract */
+    STEK_RESULT_NO_MEMORY,        /* allocation or mlock (RLIMIT_MEMLOCK) failed */
+    STEK_RESULT_IO,               /* a file could not be read or written */
+    STEK_RESULT_CONFIG,           /* options incomplete or inconsistent */
+    STEK_RESULT_CRYPTO,           /* a key file is not a usable key; OpenSSL failed */
+    STEK_RESULT_TIMEOUT,          /* not ready within the time given */
+    STEK_RESULT_ALREADY,          /* the SSL_CTX already has a client attached */
+    STEK_RESULT_INTERNAL,         /* a bug */
+} stek_result;
+
+/* Why a key set was rejected: indices of stek_counters.sets_rejected_by. */
+typedef enum stek_rejection {
+    STEK_REJECTED_MALFORMED = 1,
+    STEK_REJECTED_SIGNATURE,        /* no pinned service key verifies it */
+    STEK_REJECTED_CONTEXT,          /* wrong context or KDF profile */
+    STEK_REJECTED_IDENTITY,         /* made for another host */
+    STEK_REJECTED_EPH_KEY,          /* wrapped to another ephemeral key */
+    STEK_REJECTED_NONCE,            /* answers another request */
+    STEK_REJECTED_GROUP,            /* another group's keys */
+    STEK_REJECTED_EPOCH,            /* current epoch more than +-1 from ours */
+    STEK_REJECTED_ROLLBACK,         /* older generation or epoch than already seen */
+    STEK_REJECTED_GENERATION_START, /* new generation starting in the future */
+    STEK_REJECTED_UNWRAP,           /* keys do not unwrap under our ephemeral key */
+    STEK_REJECTED_NAME,             /* a key name does not match its key */
+    STEK_REJECTED_COUNT
+} stek_rejection;
+
+/*
+ * A consistent-enough snapshot of a client's counters (each field is read
+ * atomically; fields are not read together). Counts are since
+ * stek_client_new.
+ */
+typedef struct stek_counters {
+    uint64_t tickets_issued;        /* tickets encrypted (by any key) */
+    uint64_t tickets_stale;         /* of which with a key past its encrypt window (outage) */
+    uint64_t tickets_resumed;       /* tickets decrypted with the current key */
+    uint64_t tickets_renewed;       /* decrypted with another live key: OpenSSL renews them */
+    uint64_t miss_unknown;          /* ticket name never installed here */
+    uint64_t miss_expired;          /* ticket key past its decrypt deadline */
+    uint64_t miss_other_generation; /* ticket key of a generation since replaced */
+    uint64_t no_key_encrypts;       /* handshakes that got no ticket: no usable key */
+    uint64_t sets_accepted;
+    uint64_t sets_rejected; /* total of sets_rejected_by */
+    uint64_t sets_rejected_by[STEK_REJECTED_COUNT];
+    uint64_t current_epoch;  /* CURRENT epoch of the newest accepted set; 0 = none */
+    uint64_t generation;     /* its generation; 0 = none */
+    int64_t last_fetch_unix; /* wall-clock seconds of the last accepted set; 0 = never */
+    bool stream_up;          /* a WatchKeySet stream is delivering messages */
+    bool ready;              /* a key is installed that can encrypt */
+} stek_counters;
+
+typedef struct stek_options stek_options;
+typedef struct stek_client stek_client;
+
+/* The constant name of a result ("STEK_RESULT_TIMEOUT"); never NULL. Thread-safe. */
+STEK_API const char *stek_result_name(stek_result r);
+
+/* ---- options ------------------------------------------------------------------- */
+/* Options objects are not thread-safe; a client copies what it needs, so an
+ * options object may be freed (or reused) as soon as stek_client_new returns. */
+
+/* Creates empty options. Returns OK and *out (stek_options_free), or NO_MEMORY. */
+STEK_API stek_result stek_options_new(stek_options **out);
+
+/* Frees the options. NULL is a no-op. */
+STEK_API void stek_options_free(stek_options *o);
+
+/*
+ * Adds one service replica, "host:port" (gRPC target syntax). Call once per
+ * replica; the client fails over across them in order. At least one is
+ * required. INVALID_ARGUMENT for an empty address or more than
+ * STEK_MAX_SERVERS.
+ */
+STEK_API stek_result stek_options_add_server(stek_options *o, const char *address);
+
+/* The CA (PEM file) that issued the service's TLS certificate. Required. */
+STEK_API stek_result stek_options_set_ca(stek_options *o, const char *ca_pem_path);
+
+/*
+ * The host's client certificate (PEM chain) and its private key (PEM
+ * file), used for mutual TLS and to sign key-set requests. Required. The
+ * key is EC P-256/P-384 or RSA 2048..8192.
+ */
+STEK_API stek_result stek_options_set_cert(stek_options *o, const char *cert_pem_path,
+                                           const char *key_pem_path);
+
+/*
+ * Pins a service signing public key (PEM SubjectPublicKeyInfo, as `stekctl
+ * init` prints it). Call once per key: replicas with separate HSMs have
+ * separate keys, and a set must verify under one of them. At least one is
+ * required. INVALID_ARGUMENT beyond STEK_MAX_SERVICE_KEYS.
+ */
+STEK_API stek_result stek_options_set_service_key(stek_options *o, const char *pub_pem_path);
+
+/* The group whose keys this client fetches. Required; [a-z0-9._-], 1..64 bytes. */
+STEK_API stek_result stek_options_set_group(stek_options *o, const char *group);
+
+/* Optional: the name checked against the service's certificate instead of
+ * the host part of each address. NULL clears it. */
+STEK_API stek_result stek_options_set_server_name(stek_options *o, const char *name);
+
+/*
+ * Optional: a directory (existing, writable by the process) for the
+ * anti-rollback high-water mark: the highest key generation accepted, one
+ * small file per group, written atomically with mode 0600. It holds no key.
+ * NULL (the default) keeps the mark in memory only, so a restarted process
+ * could be fed an older generation.
+ */
+STEK_API stek_result stek_options_set_state_dir(stek_options *o, const char *dir);
+
+/*
+ * Allows TLS 1.3 early data (0-RTT) on attached contexts. Default false:
+ * stek_client_attach sets max_early_data to 0, because a ClientHello with
+ * early data is replayable on every server sharing the keys (RFC 8446 §8).
+ */
+STEK_API stek_result stek_options_allow_early_data(stek_options *o, bool allow);
+
+/*
+ * Whether stek_client_attach keeps the application's own session-id
+ * context. Default false: attach sets SHA-256("stek-sid-v1" || group),
+ * because OpenSSL 3.0 offers no way to read a context's session-id context
+ * back, so libstek cannot tell whether the application set one. With true,
+ * the application sets it itself, identically on every server of the group
+ * (otherwise tickets from another server do not resume).
+ */
+STEK_API stek_result stek_options_keep_session_id_context(stek_options *o, bool keep);
+
+/* ---- client -------------------------------------------------------------------- */
+
+/*
+ * Creates a client from o: reads and checks the key files, the CA and the
+ * state directory's high-water mark, and starts its background thread,
+ * which fetches and watches the group's keys. Returns at once (no network
+ * wait); see stek_client_wait_ready.
+ * Returns OK and *out (stek_client_free); CONFIG when a required option is
+ * missing; IO when a file cannot be read, or the high-water mark file is
+ * corrupt; CRYPTO when a key is unusable; NO_MEMORY.
+ */
+STEK_API stek_result stek_client_new(const stek_options *o, stek_client **out);
+
+/*
+ * Waits up to timeout_ms (>= 0) until a key that can encrypt is installed.
+ * Returns OK, or TIMEOUT. Handshakes on an attached context work either
+ * way: without a key they are full handshakes without a ticket.
+ * Thread-safe.
+ */
+STEK_API stek_result stek_client_wait_ready(stek_client *c, int timeout_ms);
+
+/*
+ * Attaches the client to ctx, which must be the listener's initial SSL_CTX
+ * (OpenSSL calls the ticket callback of the initial context even after SNI
+ * switched to another one). It:
+ *   - installs the ticket key callback (SSL_CTX_set_tlsext_ticket_key_evp_cb)
+ *     and a ticket generation callback (SSL_CTX_set_session_ticket_cb, which
+ *     the application must then not set itself);
+ *   - caps SSL_CTX_set_timeout at the keys' decrypt lifetime L (when known:
+ *     call stek_client_wait_ready first; in any case each ticket's session
+ *     timeout is capped at the remaining life of its key);
+ *   - sets max_early_data to 0 unless stek_options_allow_early_data;
+ *   - sets the session-id context to SHA-256("stek-sid-v1" || group)
+ *     unless stek_options_keep_session_id_context: every server of a group
+ *     must use the same one, or resumed sessions are refused.
+ * The client takes a reference on ctx and detaches from it (removing both
+ * callbacks) in stek_client_free, so either may be freed first, but no
+ * handshake may run on ctx while stek_client_free runs. A context takes one
+ * client; a client takes up to 8 contexts.
+ * Returns OK; ALREADY when ctx has a client; INVALID_ARGUMENT; CRYPTO;
+ * INTERNAL.
+ * Call it before ctx serves handshakes (it changes ctx, which OpenSSL does
+ * not make thread-safe).
+ */
+STEK_API stek_result stek_client_attach(stek_client *c, SSL_CTX *ctx);
+
+/* Fills *out with the counters. Thread-safe; never blocks. */
+STEK_API stek_result stek_client_get_counters(const stek_client *c, stek_counters *out);
+
+/*
+ * Stops the background thread (within about a second), detaches from every
+ * attached context (which then issue no tickets and resume none of ours),
+ * drops its references to them, cleanses every key and frees the client.
+ * No handshake may run on an attached context during the call. Not
+ * thread-safe with any other call on c. NULL is a no-op.
+ */
+STEK_API void stek_client_free(stek_client *c);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

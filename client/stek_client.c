@@ -1,0 +1,1004 @@
+/*
+ * libstek's public API (include/stek/stek.h): options, the client and its
+ * background thread, and the OpenSSL ticket callbacks.
+ *
+ * Threads:
+ *   - the background thread is the keyring's only writer: it fetches,
+ *     accepts, publishes, republishes (expiry) and persists;
+ *   - handshake threads run the ticket callbacks: they read the keyring
+ *     (lock-free, keyring.h) and bump atomic counters, nothing else;
+ *   - the application's thread runs new / wait_ready / attach / free.
+ * Shared mutable state is either atomic (counters, flags) or under `mu`
+ * (the ready flag's condition variable, the stop flag's wake-up).
+ */
+#include "stek/stek.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <openssl/core_names.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/rand.h>
+#include <openssl/sha.h>
+
+#include "accept.h"
+#include "keyring.h"
+#include "log.h"
+#include "transport.h"
+#include "stek/v1/stek.pb-c.h"
+
+#define COMPONENT "libstek"
+#define NONCE_BYTES 32
+/* A new ephemeral key (and nonce, and signed request) at least this often. */
+#define EPH_MAX_AGE_NS (24LL * 3600 * 1000000000LL)
+/* How long one stream read waits: bounds how late stop and expiry are seen. */
+#define READ_SLICE_MS 250
+/* Before the first heartbeat says otherwise. */
+#define DEFAULT_HEARTBEAT_NS (30LL * 1000000000LL)
+#define BACKOFF_MIN_MS 200
+#define BACKOFF_MAX_MS 30000
+#define SID_CTX_LABEL "stek-sid-v1"
+
+_Static_assert(STEK_REJECTED_COUNT == (int)STEK_REJECT_COUNT, "public rejection reasons");
+_Static_assert(STEK_REJECTED_NAME == (int)STEK_REJECT_NAME, "public rejection reasons");
+_Static_assert(STEK_KEY_NAME_BYTES == STEK_RING_NAME_BYTES, "name size");
+_Static_assert(STEK_GROUP_NAME_MAX_BYTES == STEK_GROUP_MAX_BYTES, "group size");
+
+/* ---- results ------------------------------------------------------------------- */
+
+static stek_result result_of(stek_status st)
+{
+    switch (st) {
+    case STEK_OK:
+        return STEK_RESULT_OK;
+    case STEK_ERR_INVALID_ARG:
+        return STEK_RESULT_INVALID_ARGUMENT;
+    case STEK_ERR_NOMEM:
+        return STEK_RESULT_NO_MEMORY;
+    case STEK_ERR_IO:
+        return STEK_RESULT_IO;
+    case STEK_ERR_CONFIG:
+        return STEK_RESULT_CONFIG;
+    case STEK_ERR_CRYPTO:
+    case STEK_ERR_VERIFY:
+    case STEK_ERR_BAD_POINT:
+        return STEK_RESULT_CRYPTO;
+    default:
+        return STEK_RESULT_INTERNAL;
+    }
+}
+
+const char *stek_result_name(stek_result r)
+{
+    static const char *const names[] = {
+        [STEK_RESULT_OK] = "STEK_RESULT_OK",
+        [STEK_RESULT_INVALID_ARGUMENT] = "STEK_RESULT_INVALID_ARGUMENT",
+        [STEK_RESULT_NO_MEMORY] = "STEK_RESULT_NO_MEMORY",
+        [STEK_RESULT_IO] = "STEK_RESULT_IO",
+        [STEK_RESULT_CONFIG] = "STEK_RESULT_CONFIG",
+        [STEK_RESULT_CRYPTO] = "STEK_RESULT_CRYPTO",
+        [STEK_RESULT_TIMEOUT] = "STEK_RESULT_TIMEOUT",
+        [STEK_RESULT_ALREADY] = "STEK_RESULT_ALREADY",
+        [STEK_RESULT_INTERNAL] = "STEK_RESULT_INTERNAL",
+    };
+    if ((unsigned)r < sizeof(names) / sizeof(names[0]) && names[r] != NULL)
+        return names[r];
+    return "STEK_RESULT_UNKNOWN";
+}
+
+/* ---- options ------------------------------------------------------------------- */
+
+struct stek_options {
+    char *servers[STEK_MAX_SERVERS];
+    size_t n_servers;
+    char *service_keys[STEK_MAX_SERVICE_KEYS];
+    size_t n_service_keys;
+    char *ca, *cert, *key, *group, *server_name, *state_dir;
+    bool early_data;
+    bool keep_sid_ctx;
+};
+
+stek_result stek_options_new(stek_options **out)
+{
+    if (out == NULL)
+        return STEK_RESULT_INVALID_ARGUMENT;
+    *out = calloc(1, sizeof(**out));
+    return *out != NULL ? STEK_RESULT_OK : STEK_RESULT_NO_MEMORY;
+}
+
+void stek_options_free(stek_options *o)
+{
+    if (o == NULL)
+        return;
+    for (size_t i = 0; i < o->n_servers; i++)
+        free(o->servers[i]);
+    for (size_t i = 0; i < o->n_service_keys; i++)
+        free(o->service_keys[i]);
+    free(o->ca);
+    free(o->cert);
+    free(o->key);
+    free(o->group);
+    free(o->server_name);
+    free(o->state_dir);
+    free(o);
+}
+
+/* Replaces *slot with a copy of s (NULL clears when allow_null). */
+static stek_result set_str(char **slot, const char *s, bool allow_null)
+{
+    if (s == NULL && !allow_null)
+        return STEK_RESULT_INVALID_ARGUMENT;
+    if (s != NULL && (s[0] == '\0' || strlen(s) > 4096))
+        return STEK_RESULT_INVALID_ARGUMENT;
+    char *copy = NULL;
+    if (s != NULL && (copy = strdup(s)) == NULL)
+        return STEK_RESULT_NO_MEMORY;
+    free(*slot);
+    *slot = copy;
+    return STEK_RESULT_OK;
+}
+
+static stek_result add_str(char **arr, size_t *n, size_t max, const char *s)
+{
+    if (*n >= max)
+        return STEK_RESULT_INVALID_ARGUMENT;
+    char *slot = NULL;
+    stek_result r = set_str(&slot, s, false);
+    if (r == STEK_RESULT_OK)
+        arr[(*n)++] = slot;
+    return r;
+}
+
+stek_result stek_options_add_server(stek_options *o, const char *address)
+{
+    if (o == NULL)
+        return STEK_RESULT_INVALID_ARGUMENT;
+    return add_str(o->servers, &o->n_servers, STEK_MAX_SERVERS, address);
+}
+
+stek_result stek_options_set_ca(stek_options *o, const char *ca_pem_path)
+{
+    return o == NULL ? STEK_RESULT_INVALID_ARGUMENT : set_str(&o->ca, ca_pem_path, false);
+}
+
+stek_result stek_options_set_cert(stek_options *o, const char *cert_pem_path,
+                                  const char *key_pem_path)
+{
+    if (o == NULL || cert_pem_path == NULL || key_pem_path == NULL)
+        return STEK_RESULT_INVALID_ARGUMENT;
+    stek_result r = set_str(&o->cert, cert_pem_path, false);
+    return r != STEK_RESULT_OK ? r : set_str(&o->key, key_pem_path, false);
+}
+
+stek_result stek_options_set_service_key(stek_options *o, const char *pub_pem_path)
+{
+    if (o == NULL)
+        return STEK_RESULT_INVALID_ARGUMENT;
+    return add_str(o->service_keys, &o->n_service_keys, STEK_MAX_SERVICE_KEYS, pub_pem_path);
+}
+
+stek_result stek_options_set_group(stek_options *o, const char *group)
+{
+    if (o == NULL || group == NULL || stek_group_name_check(group) != STEK_OK)
+        return STEK_RESULT_INVALID_ARGUMENT;
+    return set_str(&o->group, group, false);
+}
+
+stek_result stek_options_set_server_name(stek_options *o, const char *name)
+{
+    return o == NULL ? STEK_RESULT_INVALID_ARGUMENT : set_str(&o->server_name, name, true);
+}
+
+stek_result stek_options_set_state_dir(stek_options *o, const char *dir)
+{
+    return o == NULL ? STEK_RESULT_INVALID_ARGUMENT : set_str(&o->state_dir, dir, true);
+}
+
+stek_result stek_options_allow_early_data(stek_options *o, bool allow)
+{
+    if (o == NULL)
+        return STEK_RESULT_INVALID_ARGUMENT;
+    o->early_data = allow;
+    return STEK_RESULT_OK;
+}
+
+stek_result stek_options_keep_session_id_context(stek_options *o, bool keep)
+{
+    if (o == NULL)
+        return STEK_RESULT_INVALID_ARGUMENT;
+    o->keep_sid_ctx = keep;
+    return STEK_RESULT_OK;
+}
+
+/* ---- the client ------------------------------------------------------------------ */
+
+#define MAX_ATTACHED 8
+
+struct stek_client {
+    stek_keyring *ring;
+    char group[STEK_GROUP_MAX_BYTES + 1];
+    bool early_data, keep_sid_ctx;
+    EVP_CIPHER *aes; /* fetched once: no implicit fetch per handshake */
+
+    /* Background thread's own state (no other thread touches it after new). */
+    stek_transport *transports[STEK_MAX_SERVERS];
+    char *targets[STEK_MAX_SERVERS];
+    size_t n_transports;
+    EVP_PKEY *service_pubs[STEK_MAX_SERVICE_KEYS];
+    size_t n_service_pubs;
+    EVP_PKEY *cert_key;
+    char *hwm_path; /* NULL: the high-water mark lives in memory only */
+    uint64_t generation_hwm, current_epoch_hwm;
+    stek_sched sched;
+    bool sched_pinned;
+    stek_host_eph *eph;
+    uint8_t nonce[NONCE_BYTES];
+    uint8_t *request; /* signed once per ephemeral key, resent as is */
+    size_t request_len;
+    int64_t eph_born; /* CLOCK_BOOTTIME ns */
+    int64_t heartbeat_ns;
+
+    /* Attached contexts, each with one reference (detached at free). */
+    SSL_CTX *attached[MAX_ATTACHED];
+    size_t n_attached;
+
+    pthread_t thread;
+    bool thread_started;
+    pthread_mutex_t mu;
+    pthread_cond_t cv; /* ready or stop changed */
+    atomic_bool stop;
+    atomic_bool ready;
+
+    /* Counters: relaxed atomics, read one by one. */
+    atomic_uint_fast64_t tickets_issued, tickets_stale, tickets_resumed, tickets_renewed;
+    atomic_uint_fast64_t miss_unknown, miss_expired, miss_other_generation, no_key_encrypts;
+    atomic_uint_fast64_t sets_accepted, sets_rejected, sets_rejected_by[STEK_REJECT_COUNT];
+    atomic_uint_fast64_t current_epoch, generation, lifetime_s;
+    atomic_int_fast64_t last_fetch_unix;
+    atomic_bool stream_up;
+};
+
+static void bump(atomic_uint_fast64_t *c)
+{
+    atomic_fetch_add_explicit(c, 1, memory_order_relaxed);
+}
+
+static bool stopping(stek_client *c)
+{
+    return atomic_load(&c->stop);
+}
+
+/* ---- high-water mark file -------------------------------------------------------- */
+
+static stek_status hwm_read(const char *path, uint64_t *out)
+{
+    stek_status st = STEK_OK;
+    char buf[32] = {0};
+    *out = 0;
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0) {
+        if (errno == ENOENT)
+            return STEK_OK; /* never written: no mark yet */
+        STEK_BAIL(STEK_ERR_IO, "open %s: %s", path, strerror(errno));
+    }
+    ssize_t n = read(fd, buf, sizeof(buf) - 1);
+    STEK_ENSURE_GOTO(n > 0, STEK_ERR_IO);
+    char *end = NULL;
+    errno = 0;
+    unsigned long long v = strtoull(buf, &end, 10);
+    STEK_ENSURE_GOTO(errno == 0 && end != buf && (*end == '\n' || *end == '\0'), STEK_ERR_IO);
+    *out = v;
+done:
+    close(fd);
+    return st;
+}
+
+/* Written to a temporary file in the same directory, synced, renamed over. */
+static stek_status hwm_write(const char *path, uint64_t v)
+{
+    stek_status st = STEK_OK;
+    char tmp[4200], buf[32];
+    int n = snprintf(tmp, sizeof(tmp), "%s.XXXXXX", path);
+    STEK_ENSURE(n > 0 && (size_t)n < sizeof(tmp), STEK_ERR_INVALID_ARG);
+    int fd = mkostemp(tmp, O_CLOEXEC); /* mode 0600 */
+    if (fd < 0)
+        STEK_BAIL(STEK_ERR_IO, "mkstemp %s: %s", tmp, strerror(errno));
+    int len = snprintf(buf, sizeof(buf), "%llu\n", (unsigned long long)v);
+    if (fchmod(fd, 0600) != 0 || write(fd, buf, (size_t)len) != len || fsync(fd) != 0)
+        STEK_BAIL_GOTO(STEK_ERR_IO, "write %s: %s", tmp, strerror(errno));
+    if (close(fd) != 0) {
+        fd = -1;
+        STEK_BAIL_GOTO(STEK_ERR_IO, "close %s: %s", tmp, strerror(errno));
+    }
+    fd = -1;
+    if (rename(tmp, path) != 0)
+        STEK_BAIL_GOTO(STEK_ERR_IO, "rename %s: %s", path, strerror(errno));
+    tmp[0] = '\0';
+    /* The rename itself must survive a crash: sync the directory. */
+    char dir[4200];
+    snprintf(dir, sizeof(dir), "%s", path);
+    char *slash = strrchr(dir, '/');
+    if (slash != NULL) {
+        *slash = '\0';
+        int dfd = open(dir[0] != '\0' ? dir : "/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        if (dfd >= 0) {
+            (void)fsync(dfd);
+            close(dfd);
+        }
+    }
+done:
+    if (fd >= 0)
+        close(fd);
+    if (tmp[0] != '\0' && st != STEK_OK)
+        unlink(tmp);
+    return st;
+}
+
+/* ---- creation -------------------------------------------------------------------- */
+
+static stek_status read_pem_key(const char *path, bool private_key, EVP_PKEY **out)
+{
+    FILE *f = fopen(path, "re");
+    if (f == NULL)
+        STEK_BAIL(STEK_ERR_IO, "open %s: %s", path, strerror(errno));
+    *out = private_key ? PEM_read_PrivateKey(f, NULL, NULL, NULL)
+                       : PEM_read_PUBKEY(f, NULL, NULL, NULL);
+    fclose(f);
+    if (*out == NULL)
+        STEK_BAIL(STEK_ERR_CRYPTO, "%s: not a PEM %s key", path,
+                  private_key ? "private" : "public");
+    return STEK_OK;
+}
+
+static void *run(void *arg);
+
+static stek_status client_init(stek_client *c, const stek_options *o)
+{
+    STEK_ENSURE(o->n_servers > 0 && o->ca != NULL && o->cert != NULL && o->key != NULL &&
+                    o->group != NULL && o->n_service_keys > 0,
+                STEK_ERR_CONFIG);
+    snprintf(c->group, sizeof(c->group), "%s", o->group);
+    c->early_data = o->early_data;
+    c->keep_sid_ctx = o->keep_sid_ctx;
+    c->heartbeat_ns = DEFAULT_HEARTBEAT_NS;
+    for (size_t i = 0; i < o->n_service_keys; i++) {
+        STEK_GUARD(read_pem_key(o->service_keys[i], false, &c->service_pubs[i]));
+        c->n_service_pubs++;
+    }
+    STEK_GUARD(read_pem_key(o->key, true, &c->cert_key));
+    c->aes = EVP_CIPHER_fetch(NULL, "AES-256-CBC", NULL);
+    STEK_ENSURE(c->aes != NULL, STEK_ERR_CRYPTO);
+    if (o->state_dir != NULL) {
+        size_t len = strlen(o->state_dir) + strlen(c->group) + 32;
+        c->hwm_path = malloc(len);
+        STEK_ENSURE(c->hwm_path != NULL, STEK_ERR_NOMEM);
+        snprintf(c->hwm_path, len, "%s/%s.generation", o->state_dir, c->group);
+        STEK_GUARD(hwm_read(c->hwm_path, &c->generation_hwm));
+    }
+    for (size_t i = 0; i < o->n_servers; i++) {
+        stek_transport_opts to = {
+            .target = o->servers[i],
+            .ca_pem_path = o->ca,
+            .cert_pem_path = o->cert,
+            .key_pem_path = o->key,
+            .server_name_override = o->server_name,
+            .max_reconnect_backoff_ms = 1000,
+        };
+        c->targets[i] = strdup(o->servers[i]);
+        STEK_ENSURE(c->targets[i] != NULL, STEK_ERR_NOMEM);
+        STEK_GUARD(stek_transport_open(&to, &c->transports[i]));
+        c->n_transports++;
+    }
+    STEK_GUARD(stek_keyring_new(&c->ring));
+    return STEK_OK;
+}
+
+static void client_destroy(stek_client *c)
+{
+    for (size_t i = 0; i < c->n_attached; i++) {
+        /* Detach: a context that outlives us gets no ticket callback. */
+        SSL_CTX_set_tlsext_ticket_key_evp_cb(c->attached[i], NULL);
+        SSL_CTX_set_session_ticket_cb(c->attached[i], NULL, NULL, NULL);
+        SSL_CTX_free(c->attached[i]);
+    }
+    stek_keyring_free(c->ring); /* cleanses every installed key */
+    for (size_t i = 0; i < STEK_MAX_SERVERS; i++) {
+        stek_transport_close(c->transports[i]);
+        free(c->targets[i]);
+    }
+    for (size_t i = 0; i < c->n_service_pubs; i++)
+        EVP_PKEY_free(c->service_pubs[i]);
+    EVP_PKEY_free(c->cert_key);
+    EVP_CIPHER_free(c->aes);
+    stek_host_eph_free(c->eph);
+    stek_cleanse(c->nonce, sizeof(c->nonce));
+    free(c->request);
+    free(c->hwm_path);
+    pthread_cond_destroy(&c->cv);
+    pthread_mutex_destroy(&c->mu);
+    free(c);
+}
+
+stek_result stek_client_new(const stek_options *o, stek_client **out)
+{
+    if (o == NULL || out == NULL)
+        return STEK_RESULT_INVALID_ARGUMENT;
+    *out = NULL;
+    stek_client *c = calloc(1, sizeof(*c));
+    if (c == NULL)
+        return STEK_RESULT_NO_MEMORY;
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&c->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    pthread_mutex_init(&c->mu, NULL);
+    stek_status st = client_init(c, o);
+    if (st != STEK_OK) {
+        stek_log(STEK_LOG_ERROR, COMPONENT, "client: %s: %s", stek_status_name(st),
+                 stek_error_detail());
+        client_destroy(c);
+        return result_of(st);
+    }
+    if (pthread_create(&c->thread, NULL, run, c) != 0) {
+        client_destroy(c);
+        return STEK_RESULT_NO_MEMORY;
+    }
+    c->thread_started = true;
+    *out = c;
+    return STEK_RESULT_OK;
+}
+
+void stek_client_free(stek_client *c)
+{
+    if (c == NULL)
+        return;
+    if (c->thread_started) {
+        pthread_mutex_lock(&c->mu);
+        atomic_store(&c->stop, true);
+        pthread_cond_broadcast(&c->cv);
+        pthread_mutex_unlock(&c->mu);
+        pthread_join(c->thread, NULL);
+    }
+    client_destroy(c);
+}
+
+static struct timespec mono_after(int ms)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    ts.tv_sec += ms / 1000;
+    ts.tv_nsec += (long)(ms % 1000) * 1000000L;
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+    }
+    return ts;
+}
+
+stek_result stek_client_wait_ready(stek_client *c, int timeout_ms)
+{
+    if (c == NULL || timeout_ms < 0)
+        return STEK_RESULT_INVALID_ARGUMENT;
+    struct timespec until = mono_after(timeout_ms);
+    pthread_mutex_lock(&c->mu);
+    while (!atomic_load(&c->ready))
+        if (pthread_cond_timedwait(&c->cv, &c->mu, &until) == ETIMEDOUT)
+            break;
+    bool ready = atomic_load(&c->ready);
+    pthread_mutex_unlock(&c->mu);
+    return ready ? STEK_RESULT_OK : STEK_RESULT_TIMEOUT;
+}
+
+stek_result stek_client_get_counters(const stek_client *cc, stek_counters *out)
+{
+    if (cc == NULL || out == NULL)
+        return STEK_RESULT_INVALID_ARGUMENT;
+    stek_client *c = (stek_client *)cc; /* atomic loads take non-const pointers */
+    memset(out, 0, sizeof(*out));
+    out->tickets_issued = atomic_load(&c->tickets_issued);
+    out->tickets_stale = atomic_load(&c->tickets_stale);
+    out->tickets_resumed = atomic_load(&c->tickets_resumed);
+    out->tickets_renewed = atomic_load(&c->tickets_renewed);
+    out->miss_unknown = atomic_load(&c->miss_unknown);
+    out->miss_expired = atomic_load(&c->miss_expired);
+    out->miss_other_generation = atomic_load(&c->miss_other_generation);
+    out->no_key_encrypts = atomic_load(&c->no_key_encrypts);
+    out->sets_accepted = atomic_load(&c->sets_accepted);
+    out->sets_rejected = atomic_load(&c->sets_rejected);
+    for (size_t i = 0; i < STEK_REJECT_COUNT; i++)
+        out->sets_rejected_by[i] = atomic_load(&c->sets_rejected_by[i]);
+    out->current_epoch = atomic_load(&c->current_epoch);
+    out->generation = atomic_load(&c->generation);
+    out->last_fetch_unix = atomic_load(&c->last_fetch_unix);
+    out->stream_up = atomic_load(&c->stream_up);
+    out->ready = atomic_load(&c->ready);
+    return STEK_RESULT_OK;
+}
+
+/* ---- the ticket callbacks ---------------------------------------------------------- */
+
+static int ex_index = -1;
+static pthread_once_t ex_once = PTHREAD_ONCE_INIT;
+
+static void ex_init(void)
+{
+    ex_index = SSL_CTX_get_ex_new_index(0, NULL, NULL, NULL, NULL);
+}
+
+static bool mac_init(EVP_MAC_CTX *hctx, const uint8_t *hmac_key)
+{
+    OSSL_PARAM params[] = {
+        OSSL_PARAM_construct_octet_string(OSSL_MAC_PARAM_KEY, (void *)hmac_key,
+                                          STEK_RING_HMAC_BYTES),
+        OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, (char *)"SHA256", 0),
+        OSSL_PARAM_construct_end(),
+    };
+    return EVP_MAC_CTX_set_params(hctx, params) == 1;
+}
+
+/*
+ * OpenSSL's ticket key callback. Return values (OpenSSL 3.0): encrypt 1 =
+ * ticket made, 0 = no ticket (the handshake completes without one; -1
+ * would abort it); decrypt 1 = use, 2 = use and renew, 0 = not ours (full
+ * handshake). The snapshot is read under the keyring's read section only,
+ * and the key bytes are copied into OpenSSL's contexts before it ends.
+ */
+static int ticket_cb(SSL *s, unsigned char key_name[16], unsigned char *iv, EVP_CIPHER_CTX *cctx,
+                     EVP_MAC_CTX *hctx, int enc)
+{
+    /* SSL_get_SSL_CTX is the SNI-selected context; only the listener's
+     * initial context carries the client, so after an SNI switch this finds
+     * none and issues no ticket (per-vhost groups come later). */
+    stek_client *c = ex_index >= 0 ? SSL_CTX_get_ex_data(SSL_get_SSL_CTX(s), ex_index) : NULL;
+    if (c == NULL)
+        return 0;
+    unsigned slot;
+    const stek_ring *r = stek_keyring_read_begin(c->ring, &slot);
+    const int64_t now = stek_boottime_ns();
+    int ret = 0;
+    if (enc) {
+        bool stale = false;
+        int g = stek_ring_group_index(r, c->group);
+        long i = g >= 0 ? stek_ring_encrypt_key(r, (uint32_t)g, now, &stale) : -1;
+        if (i < 0) {
+            bump(&c->no_key_encrypts);
+            goto done;
+        }
+        const uint8_t *e = stek_ring_entry(r, (size_t)i);
+        if (RAND_bytes(iv, EVP_CIPHER_get_iv_length(c->aes)) != 1 ||
+            EVP_EncryptInit_ex(cctx, c->aes, NULL, e + STEK_RING_NAME_BYTES + STEK_RING_HMAC_BYTES,
+                               iv) != 1 ||
+            !mac_init(hctx, e + STEK_RING_NAME_BYTES)) {
+            bump(&c->no_key_encrypts);
+            goto done;
+        }
+        memcpy(key_name, e, STEK_RING_NAME_BYTES);
+        bump(&c->tickets_issued);
+        if (stale)
+            bump(&c->tickets_stale);
+        ret = 1;
+    } else {
+        long i = -1;
+        stek_ring_lookup l = stek_ring_decrypt_key(r, key_name, now, &i);
+        switch (l) {
+        case STEK_RING_FOUND_CURRENT:
+        case STEK_RING_FOUND_OTHER: {
+            const uint8_t *e = stek_ring_entry(r, (size_t)i);
+            if (EVP_DecryptInit_ex(cctx, c->aes, NULL,
+                                   e + STEK_RING_NAME_BYTES + STEK_RING_HMAC_BYTES, iv) != 1 ||
+                !mac_init(hctx, e + STEK_RING_NAME_BYTES))
+                goto done; /* cannot decrypt: a full handshake */
+            if (l == STEK_RING_FOUND_CURRENT) {
+                bump(&c->tickets_resumed);
+                ret = 1;
+            } else {
+                bump(&c->tickets_renewed);
+                ret = 2;
+            }
+            break;
+        }
+        case STEK_RING_MISS_EXPIRED:
+            bump(&c->miss_expired);
+            break;
+        case STEK_RING_MISS_OTHER_GENERATION:
+            bump(&c->miss_other_generation);
+            break;
+        case STEK_RING_MISS_UNKNOWN:
+        default:
+            bump(&c->miss_unknown);
+            break;
+        }
+    }
+done:
+    stek_keyring_read_end(c->ring, slot);
+    return ret;
+}
+
+/*
+ * Runs before each ticket is made (OpenSSL 3.0 calls the generate callback
+ * before it serializes the session). The ticket key callback itself comes
+ * too late to change the session's timeout (the session is already
+ * encoded), so the cap is applied here: at most L, and at most the
+ * remaining decrypt life of the key that will encrypt it (which is less
+ * than L only while encrypting with a stale key during an outage:
+ * decrypt_until - now).
+ * The key might change between the two callbacks at a rotation; the cap is
+ * then a second or so off, which is harmless: a ticket can never outlive
+ * its key anyway, since the key is gone at its deadline.
+ */
+static int gen_cb(SSL *s, void *arg)
+{
+    stek_client *c = arg;
+    SSL_SESSION *sess = SSL_get0_session(s);
+    if (c == NULL || sess == NULL)
+        return 1;
+    unsigned slot;
+    const stek_ring *r = stek_keyring_read_begin(c->ring, &slot);
+    const int64_t now = stek_boottime_ns();
+    bool stale = false;
+    int g = stek_ring_group_index(r, c->group);
+    long i = g >= 0 ? stek_ring_encrypt_key(r, (uint32_t)g, now, &stale) : -1;
+    long left = 0;
+    if (i >= 0) {
+        /* min(L, remaining decrypt life): L alone for a CURRENT key. */
+        const stek_ring_key *k = &r->keys[i];
+        int64_t life = k->dec_until - now, l = k->dec_until - k->enc_until;
+        left = (long)((life < l ? life : l) / 1000000000LL);
+    }
+    stek_keyring_read_end(c->ring, slot);
+    if (i >= 0 && SSL_SESSION_get_timeout(sess) > left)
+        SSL_SESSION_set_timeout(sess, left > 0 ? left : 1);
+    return 1;
+}
+
+stek_result stek_client_attach(stek_client *c, SSL_CTX *ctx)
+{
+    if (c == NULL || ctx == NULL)
+        return STEK_RESULT_INVALID_ARGUMENT;
+    pthread_once(&ex_once, ex_init);
+    if (ex_index < 0)
+        return STEK_RESULT_INTERNAL;
+    if (SSL_CTX_get_ex_data(ctx, ex_index) != NULL)
+        return STEK_RESULT_ALREADY;
+    if (c->n_attached == MAX_ATTACHED)
+        return STEK_RESULT_INVALID_ARGUMENT;
+    if (!c->keep_sid_ctx) {
+        /* OpenSSL 3.0 has no getter for a context's session-id context,
+         * so "the application set none" is the option's default:
+         * stek_options_keep_session_id_context(o, true) keeps the
+         * application's own (which must then match across the group). */
+        uint8_t sid[SHA256_DIGEST_LENGTH];
+        EVP_MD_CTX *md = EVP_MD_CTX_new();
+        bool ok = md != NULL && EVP_DigestInit_ex(md, EVP_sha256(), NULL) == 1 &&
+                  EVP_DigestUpdate(md, SID_CTX_LABEL, strlen(SID_CTX_LABEL)) == 1 &&
+                  EVP_DigestUpdate(md, c->group, strlen(c->group)) == 1 &&
+                  EVP_DigestFinal_ex(md, sid, NULL) == 1;
+        EVP_MD_CTX_free(md);
+        _Static_assert(SHA256_DIGEST_LENGTH <= SSL_MAX_SID_CTX_LENGTH, "sid ctx size");
+        if (!ok || SSL_CTX_set_session_id_context(ctx, sid, SHA256_DIGEST_LENGTH) != 1)
+            return STEK_RESULT_CRYPTO;
+    }
+    if (!c->early_data && SSL_CTX_set_max_early_data(ctx, 0) != 1)
+        return STEK_RESULT_INTERNAL;
+    uint64_t l = atomic_load(&c->lifetime_s);
+    if (l > 0 && (uint64_t)SSL_CTX_get_timeout(ctx) > l)
+        SSL_CTX_set_timeout(ctx, (long)l);
+    if (SSL_CTX_up_ref(ctx) != 1)
+        return STEK_RESULT_INTERNAL;
+    if (SSL_CTX_set_ex_data(ctx, ex_index, c) != 1) {
+        SSL_CTX_free(ctx);
+        return STEK_RESULT_NO_MEMORY;
+    }
+    SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, ticket_cb);
+    SSL_CTX_set_session_ticket_cb(ctx, gen_cb, NULL, c);
+    c->attached[c->n_attached++] = ctx;
+    return STEK_RESULT_OK;
+}
+
+/* ---- the background thread ------------------------------------------------------------ */
+
+static void set_ready(stek_client *c, bool ready)
+{
+    if (atomic_load(&c->ready) == ready)
+        return;
+    pthread_mutex_lock(&c->mu);
+    atomic_store(&c->ready, ready);
+    pthread_cond_broadcast(&c->cv);
+    pthread_mutex_unlock(&c->mu);
+}
+
+/* Whether the published snapshot can encrypt for our group now. */
+static void update_ready(stek_client *c)
+{
+    const stek_ring *r = stek_keyring_peek(c->ring);
+    bool stale = false;
+    int g = stek_ring_group_index(r, c->group);
+    set_ready(c, g >= 0 && stek_ring_encrypt_key(r, (uint32_t)g, stek_boottime_ns(), &stale) >= 0);
+}
+
+/* Republishes without the keys past their decrypt deadline, if any. */
+static void drop_expired(stek_client *c)
+{
+    const stek_ring *r = stek_keyring_peek(c->ring);
+    const int64_t now = stek_boottime_ns();
+    bool any = false;
+    for (size_t i = 0; r != NULL && i < r->n_keys && !any; i++)
+        any = r->keys[i].dec_until <= now;
+    if (any) {
+        stek_ring *next = NULL;
+        stek_status st = stek_ring_build(r, NULL, now, &next);
+        if (st == STEK_OK)
+            stek_keyring_publish(c->ring, next);
+        else
+            stek_log(STEK_LOG_ERROR, COMPONENT, "republish: %s: %s", stek_status_name(st),
+                     stek_error_detail());
+    }
+    update_ready(c);
+}
+
+/* Sleeps up to ms, waking for stop, and drops expired keys every second. */
+static void idle(stek_client *c, int ms)
+{
+    while (ms > 0 && !stopping(c)) {
+        int slice = ms < 1000 ? ms : 1000;
+        struct timespec until = mono_after(slice);
+        pthread_mutex_lock(&c->mu);
+        while (!stopping(c))
+            if (pthread_cond_timedwait(&c->cv, &c->mu, &until) == ETIMEDOUT)
+                break;
+        pthread_mutex_unlock(&c->mu);
+        ms -= slice;
+        drop_expired(c);
+    }
+}
+
+/* A new ephemeral key and nonce, and the one signed request for them. */
+static stek_status new_request(stek_client *c)
+{
+    stek_host_eph *eph = NULL;
+    uint8_t *req = NULL;
+    size_t len = 0;
+    STEK_GUARD(stek_host_eph_generate(&eph));
+    if (RAND_bytes(c->nonce, sizeof(c->nonce)) != 1) {
+        stek_host_eph_free(eph);
+        STEK_BAIL(STEK_ERR_CRYPTO, "RAND_bytes");
+    }
+    stek_status st =
+        stek_request_build(c->group, eph, c->nonce, sizeof(c->nonce), c->cert_key, &req, &len);
+    if (st != STEK_OK) {
+        stek_host_eph_free(eph);
+        return st;
+    }
+    stek_host_eph_free(c->eph);
+    free(c->request);
+    c->eph = eph;
+    c->request = req;
+    c->request_len = len;
+    c->eph_born = stek_boottime_ns();
+    return STEK_OK;
+}
+
+/* (T0, P, L) from an accepted set's CURRENT key: pinned for our lifetime. */
+static void pin_schedule(stek_client *c, const stek_accepted_set *set)
+{
+    const stek_accepted_key *k = &set->keys[set->current];
+    const int64_t ns = 1000000000LL;
+    int64_t p = (k->encrypt_until - k->not_before) / ns;
+    if (p <= 0)
+        return;
+    stek_sched s = {
+        .origin = k->not_before / ns - (int64_t)k->epoch * p,
+        .epoch_s = (uint64_t)p,
+        .lifetime_s = (uint64_t)((k->decrypt_until - k->encrypt_until) / ns),
+    };
+    if (stek_sched_check(&s) == STEK_OK) {
+        c->sched = s;
+        c->sched_pinned = true;
+    }
+}
+
+static stek_status install(stek_client *c, const stek_accepted_set *set)
+{
+    stek_status st = STEK_OK;
+    stek_ring *next = NULL;
+    stek_ring_key *keys = calloc(set->n_keys, sizeof(*keys));
+    STEK_ENSURE(keys != NULL, STEK_ERR_NOMEM);
+    const int64_t boot = stek_boottime_ns();
+    STEK_GUARD_GOTO(stek_ring_deadlines(set, boot, stek_walltime_ns(), keys));
+    stek_ring_input in = {
+        .group = set->group,
+        .generation = set->generation,
+        .current_epoch = set->current_epoch,
+        .n_keys = set->n_keys,
+        .keys = keys,
+        .entries = stek_accepted_entry(set, 0),
+    };
+    STEK_GUARD_GOTO(stek_ring_build(stek_keyring_peek(c->ring), &in, boot, &next));
+    stek_keyring_publish(c->ring, next);
+    next = NULL;
+done:
+    free(keys);
+    stek_ring_free(next);
+    return st;
+}
+
+static void on_accepted(stek_client *c, const stek_accepted_set *set)
+{
+    if (!c->sched_pinned)
+        pin_schedule(c, set);
+    if (set->generation > c->generation_hwm) {
+        if (c->hwm_path != NULL) {
+            stek_status st = hwm_write(c->hwm_path, set->generation);
+            if (st != STEK_OK)
+                stek_log(STEK_LOG_ERROR, COMPONENT, "high-water mark not saved: %s",
+                         stek_error_detail());
+        }
+        c->generation_hwm = set->generation;
+        c->current_epoch_hwm = 0;
+    }
+    if (set->current_epoch > c->current_epoch_hwm)
+        c->current_epoch_hwm = set->current_epoch;
+    stek_status st = install(c, set);
+    if (st != STEK_OK) {
+        stek_log(STEK_LOG_ERROR, COMPONENT, "install: %s: %s", stek_status_name(st),
+                 stek_error_detail());
+        return;
+    }
+    const stek_accepted_key *k = &set->keys[set->current];
+    uint64_t l = (uint64_t)((k->decrypt_until - k->encrypt_until) / 1000000000LL);
+    atomic_store(&c->lifetime_s, l);
+    atomic_store(&c->current_epoch, set->current_epoch);
+    atomic_store(&c->generation, set->generation);
+    atomic_store(&c->last_fetch_unix, stek_walltime_ns() / 1000000000LL);
+    bump(&c->sets_accepted);
+    stek_log(STEK_LOG_DEBUG, COMPONENT, "group %s: generation %llu, epoch %llu, %zu keys",
+             set->group, (unsigned long long)set->generation,
+             (unsigned long long)set->current_epoch, set->n_keys);
+    update_ready(c);
+}
+
+static void on_heartbeat(stek_client *c, const uint8_t *msg, size_t len)
+{
+    Stek__V1__KeySet *ks = stek__v1__key_set__unpack(NULL, len, msg);
+    if (ks == NULL)
+        return;
+    /* Bounded: a heartbeat is unsigned, so it may slow our dead-stream
+     * detection only so far. */
+    if (ks->heartbeat != NULL && ks->heartbeat->interval >= 100000000ULL &&
+        ks->heartbeat->interval <= 300000000000ULL)
+        c->heartbeat_ns = (int64_t)ks->heartbeat->interval;
+    stek__v1__key_set__free_unpacked(ks, NULL);
+}
+
+/* One message of the stream. Returns true when a set was accepted. */
+static bool handle(stek_client *c, const uint8_t *msg, size_t len)
+{
+    stek_accept_ctx ac = {
+        .service_pubs = c->service_pubs,
+        .n_service_pubs = c->n_service_pubs,
+        .identity = NULL, /* whichever SAN the policy matched; eph and nonce bind it to us */
+        .eph = c->eph,
+        .nonce = c->nonce,
+        .nonce_len = sizeof(c->nonce),
+        .group = c->group,
+        .sched = c->sched_pinned ? &c->sched : NULL,
+        .now = stek_walltime_ns() / 1000000000LL,
+        .generation_hwm = c->generation_hwm,
+        .current_epoch_hwm = c->current_epoch_hwm,
+    };
+    stek_accepted_set *set = NULL;
+    stek_reject why = STEK_REJECT_NONE;
+    bool hb = false;
+    stek_status st = stek_accept(&ac, msg, len, &set, &why, &hb);
+    if (st == STEK_OK && hb) {
+        on_heartbeat(c, msg, len);
+        return false;
+    }
+    if (st == STEK_OK) {
+        on_accepted(c, set);
+        stek_accepted_set_free(set);
+        return true;
+    }
+    if (st == STEK_ERR_VERIFY && why > STEK_REJECT_NONE && why < STEK_REJECT_COUNT) {
+        bump(&c->sets_rejected);
+        bump(&c->sets_rejected_by[why]);
+        stek_log(STEK_LOG_WARN, COMPONENT, "key set rejected: %s: %s", stek_reject_name(why),
+                 stek_error_detail());
+    } else {
+        stek_log(STEK_LOG_ERROR, COMPONENT, "key set not checked: %s: %s", stek_status_name(st),
+                 stek_error_detail());
+    }
+    return false;
+}
+
+/* One WatchKeySet stream on one replica, until it ends, goes silent, the
+ * ephemeral key is due, or we stop. Returns whether it delivered a set. */
+static bool watch(stek_client *c, stek_transport *t, const char *target, bool quiet)
+{
+    stek_watch *w = NULL;
+    bool delivered = false;
+    stek_status st = stek_transport_watch_start(t, c->request, c->request_len, &w);
+    if (st != STEK_OK) {
+        stek_log(STEK_LOG_ERROR, COMPONENT, "%s: watch: %s", target, stek_error_detail());
+        return false;
+    }
+    int64_t last = stek_boottime_ns();
+    while (!stopping(c)) {
+        uint8_t *msg = NULL;
+        size_t len = 0;
+        int got = stek_transport_watch_read(w, READ_SLICE_MS, &msg, &len);
+        const int64_t now = stek_boottime_ns();
+        if (got == 1) {
+            last = now;
+            atomic_store(&c->stream_up, true);
+            delivered |= handle(c, msg, len);
+            free(msg);
+        } else if (got == 0) {
+            int code = STEK_TRANSPORT_NO_STATUS;
+            char details[128] = "";
+            STEK_IGNORE(stek_transport_watch_status(w, 1000, &code, details, sizeof(details)));
+            /* Once per outage at WARN; the retries that follow at DEBUG. */
+            stek_log(quiet && !delivered ? STEK_LOG_DEBUG : STEK_LOG_WARN, COMPONENT,
+                     "%s: stream ended: gRPC %d (%s)", target, code, details);
+            break;
+        } else if (now - last > 3 * c->heartbeat_ns) {
+            stek_log(STEK_LOG_WARN, COMPONENT, "%s: stream silent for %lld ms; reconnecting",
+                     target, (long long)((now - last) / 1000000));
+            break;
+        }
+        drop_expired(c);
+        if (now - c->eph_born > EPH_MAX_AGE_NS)
+            break; /* the caller makes a new key and request */
+    }
+    atomic_store(&c->stream_up, false);
+    stek_transport_watch_cancel_free(w);
+    return delivered;
+}
+
+static void *run(void *arg)
+{
+    stek_client *c = arg;
+    size_t replica = 0;
+    unsigned failures = 0;
+    while (!stopping(c)) {
+        if (c->request == NULL || stek_boottime_ns() - c->eph_born > EPH_MAX_AGE_NS) {
+            stek_status st = new_request(c);
+            if (st != STEK_OK) {
+                stek_log(STEK_LOG_ERROR, COMPONENT, "request: %s: %s", stek_status_name(st),
+                         stek_error_detail());
+                idle(c, BACKOFF_MAX_MS);
+                continue;
+            }
+        }
+        bool delivered =
+            watch(c, c->transports[replica], c->targets[replica], failures >= c->n_transports);
+        if (stopping(c))
+            break;
+        failures = delivered ? 0 : failures + 1;
+        replica = (replica + 1) % c->n_transports;
+        /* Exponential backoff with jitter in [d/2, d], once a whole
+         * round of replicas failed; the next replica at once otherwise. */
+        int delay = 0;
+        if (failures >= c->n_transports) {
+            unsigned shift = failures - c->n_transports;
+            long d = BACKOFF_MIN_MS << (shift < 8 ? shift : 8);
+            if (d > BACKOFF_MAX_MS)
+                d = BACKOFF_MAX_MS;
+            uint32_t rnd = 0;
+            if (RAND_bytes((unsigned char *)&rnd, sizeof(rnd)) != 1)
+                rnd = 0;
+            delay = (int)(d / 2 + rnd % (uint32_t)(d / 2 + 1));
+        }
+        idle(c, delay);
+    }
+    return NULL;
+}
