@@ -7,7 +7,9 @@
 #   make clean           remove both build trees
 #   make format          clang-format every tracked .c/.h file
 #
-# `make demo` is added with the client library; it does not exist yet.
+#   make demo            install missing packages, build, and show stek working:
+#                        stekd on a throwaway SoftHSM token, two TLS servers on
+#                        libstek, openssl s_client resuming across them (ci/demo.sh)
 #
 # Overridable: BUILD_DIR, SANITIZE_BUILD_DIR, JOBS, CTEST_JOBS, CMAKE_ARGS,
 # CTEST_ARGS (e.g. CTEST_ARGS='-L unit'), SKIP_DEPS=1 (skip the package step).
@@ -24,7 +26,7 @@ DEPS  := ci/install-deps.sh
 comma := ,
 
 .DEFAULT_GOAL := test
-.PHONY: test test-sanitize build clean format deps
+.PHONY: test test-sanitize build clean format deps demo
 
 # configure-and-build(dir, extra cmake args)
 define configure-and-build
@@ -50,12 +52,15 @@ build: deps
 test: build
 	$(call run-ctest,$(BUILD_DIR))
 
+demo: build
+	BUILD_DIR="$(abspath $(BUILD_DIR))" bash ci/demo.sh
+
 test-sanitize: deps
 	$(call configure-and-build,$(SANITIZE_BUILD_DIR),-DSTEK_SANITIZE=address$(comma)undefined)
 	$(call run-ctest,$(SANITIZE_BUILD_DIR))
 
 clean:
-	rm -rf $(BUILD_DIR) $(SANITIZE_BUILD_DIR)
+	rm -rf $(BUILD_DIR) $(SANITIZE_BUILD_DIR) .demo
 
 format:
 	@command -v clang-format >/dev/null || { echo "clang-format not found (apt-get install clang-format)" >&2; exit 1; }
