@@ -32,8 +32,10 @@
  * cache line per callback, which is small against a handshake.
  *
  * Threads: any number of readers on any threads; one writer at a time
- * (publish is called by the client's background thread, and by
- * stek_keyring_free once that thread has stopped).
+ * (publish, and the peek before a build, are called by the client's
+ * background threads, one per group, serialized by the client's write
+ * mutex; and by stek_keyring_free once they have stopped). A build for one
+ * group copies every other group's keys from the previous snapshot.
  */
 #ifndef STEK_CLIENT_KEYRING_H
 #define STEK_CLIENT_KEYRING_H

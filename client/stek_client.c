@@ -3,8 +3,10 @@
  * background thread, and the OpenSSL ticket callbacks.
  *
  * Threads:
- *   - the background thread is the keyring's only writer: it fetches,
- *     accepts, publishes, republishes (expiry) and persists;
+ *   - one background thread per group fetches, accepts, publishes,
+ *     republishes (expiry) and persists that group's keys; the keyring
+ *     has one writer at a time, so they serialize every keyring write (and
+ *     the writer-side peek) under `wmu`;
  *   - handshake threads run the ticket callbacks: they read the keyring
  *     (lock-free, keyring.h) and bump atomic counters, nothing else;
  *   - the application's thread runs new / wait_ready / attach / free.
@@ -28,6 +30,7 @@
 #include <openssl/pem.h>
 #include <openssl/rand.h>
 #include <openssl/sha.h>
+#include <strings.h>
 
 #include "accept.h"
 #include "keyring.h"
@@ -51,6 +54,7 @@ _Static_assert(STEK_REJECTED_COUNT == (int)STEK_REJECT_COUNT, "public rejection 
 _Static_assert(STEK_REJECTED_NAME == (int)STEK_REJECT_NAME, "public rejection reasons");
 _Static_assert(STEK_KEY_NAME_BYTES == STEK_RING_NAME_BYTES, "name size");
 _Static_assert(STEK_GROUP_NAME_MAX_BYTES == STEK_GROUP_MAX_BYTES, "group size");
+_Static_assert(STEK_MAX_GROUPS <= STEK_RING_MAX_GROUPS, "groups per snapshot");
 
 /* ---- results ------------------------------------------------------------------- */
 
@@ -102,6 +106,10 @@ struct stek_options {
     char *service_keys[STEK_MAX_SERVICE_KEYS];
     size_t n_service_keys;
     char *ca, *cert, *key, *group, *server_name, *state_dir;
+    char *extra_groups[STEK_MAX_GROUPS];
+    size_t n_extra_groups;
+    char *map_names[STEK_MAX_SERVER_NAMES], *map_groups[STEK_MAX_SERVER_NAMES];
+    size_t n_map;
     bool early_data;
     bool keep_sid_ctx;
 };
@@ -126,6 +134,12 @@ void stek_options_free(stek_options *o)
     free(o->cert);
     free(o->key);
     free(o->group);
+    for (size_t i = 0; i < o->n_extra_groups; i++)
+        free(o->extra_groups[i]);
+    for (size_t i = 0; i < o->n_map; i++) {
+        free(o->map_names[i]);
+        free(o->map_groups[i]);
+    }
     free(o->server_name);
     free(o->state_dir);
     free(o);
@@ -192,6 +206,42 @@ stek_result stek_options_set_group(stek_options *o, const char *group)
     return set_str(&o->group, group, false);
 }
 
+stek_result stek_options_add_group(stek_options *o, const char *group)
+{
+    if (o == NULL || group == NULL || stek_group_name_check(group) != STEK_OK)
+        return STEK_RESULT_INVALID_ARGUMENT;
+    for (size_t i = 0; i < o->n_extra_groups; i++)
+        if (strcmp(o->extra_groups[i], group) == 0)
+            return STEK_RESULT_OK;
+    return add_str(o->extra_groups, &o->n_extra_groups, STEK_MAX_GROUPS - 1, group);
+}
+
+stek_result stek_options_map_server_name(stek_options *o, const char *server_name,
+                                         const char *group)
+{
+    if (o == NULL || server_name == NULL || group == NULL || server_name[0] == '\0' ||
+        strlen(server_name) > STEK_SERVER_NAME_MAX_BYTES || stek_group_name_check(group) != STEK_OK)
+        return STEK_RESULT_INVALID_ARGUMENT;
+    for (size_t i = 0; i < o->n_map; i++)
+        if (strcasecmp(o->map_names[i], server_name) == 0)
+            return set_str(&o->map_groups[i], group, false); /* remapped */
+    if (o->n_map >= STEK_MAX_SERVER_NAMES)
+        return STEK_RESULT_INVALID_ARGUMENT;
+    char *name = NULL, *grp = NULL;
+    stek_result r = set_str(&name, server_name, false);
+    if (r == STEK_RESULT_OK)
+        r = set_str(&grp, group, false);
+    if (r != STEK_RESULT_OK) {
+        free(name);
+        free(grp);
+        return r;
+    }
+    o->map_names[o->n_map] = name;
+    o->map_groups[o->n_map] = grp;
+    o->n_map++;
+    return STEK_RESULT_OK;
+}
+
 stek_result stek_options_set_server_name(stek_options *o, const char *name)
 {
     return o == NULL ? STEK_RESULT_INVALID_ARGUMENT : set_str(&o->server_name, name, true);
@@ -222,19 +272,14 @@ stek_result stek_options_keep_session_id_context(stek_options *o, bool keep)
 
 #define MAX_ATTACHED 8
 
-struct stek_client {
-    stek_keyring *ring;
-    char group[STEK_GROUP_MAX_BYTES + 1];
-    bool early_data, keep_sid_ctx;
-    EVP_CIPHER *aes; /* fetched once: no implicit fetch per handshake */
-
-    /* Background thread's own state (no other thread touches it after new). */
-    stek_transport *transports[STEK_MAX_SERVERS];
-    char *targets[STEK_MAX_SERVERS];
-    size_t n_transports;
-    EVP_PKEY *service_pubs[STEK_MAX_SERVICE_KEYS];
-    size_t n_service_pubs;
-    EVP_PKEY *cert_key;
+/*
+ * One group: its background thread's own state (no other thread touches it
+ * after new, but for the atomics).
+ */
+typedef struct stek_group_state {
+    stek_client *c;
+    size_t index; /* 0 is the default group */
+    char name[STEK_GROUP_MAX_BYTES + 1];
     char *hwm_path; /* NULL: the high-water mark lives in memory only */
     uint64_t generation_hwm, current_epoch_hwm;
     stek_sched sched;
@@ -245,13 +290,43 @@ struct stek_client {
     size_t request_len;
     int64_t eph_born; /* CLOCK_BOOTTIME ns */
     int64_t heartbeat_ns;
+    pthread_t thread;
+    bool thread_started;
+    atomic_bool stream_up;
+    atomic_uint_fast64_t lifetime_s; /* L of the newest accepted set; 0 = none */
+} stek_group_state;
+
+/* Server name -> group, immutable after new: read by the callbacks. */
+typedef struct stek_sni_map {
+    char name[STEK_SERVER_NAME_MAX_BYTES + 1];
+    size_t len;
+    size_t group; /* index into groups */
+} stek_sni_map;
+
+struct stek_client {
+    stek_keyring *ring;
+    bool early_data, keep_sid_ctx;
+    EVP_CIPHER *aes; /* fetched once: no implicit fetch per handshake */
+
+    stek_group_state groups[STEK_MAX_GROUPS];
+    size_t n_groups;
+    stek_sni_map *map; /* n_map entries */
+    size_t n_map;
+
+    /* Shared by the group threads, read-only after new (a transport takes
+     * concurrent streams: transport.h). */
+    stek_transport *transports[STEK_MAX_SERVERS];
+    char *targets[STEK_MAX_SERVERS];
+    size_t n_transports;
+    EVP_PKEY *service_pubs[STEK_MAX_SERVICE_KEYS];
+    size_t n_service_pubs;
+    EVP_PKEY *cert_key;
 
     /* Attached contexts, each with one reference (detached at free). */
     SSL_CTX *attached[MAX_ATTACHED];
     size_t n_attached;
 
-    pthread_t thread;
-    bool thread_started;
+    pthread_mutex_t wmu; /* one keyring writer at a time */
     pthread_mutex_t mu;
     pthread_cond_t cv; /* ready or stop changed */
     atomic_bool stop;
@@ -260,10 +335,10 @@ struct stek_client {
     /* Counters: relaxed atomics, read one by one. */
     atomic_uint_fast64_t tickets_issued, tickets_stale, tickets_resumed, tickets_renewed;
     atomic_uint_fast64_t miss_unknown, miss_expired, miss_other_generation, no_key_encrypts;
+    atomic_uint_fast64_t miss_other_group;
     atomic_uint_fast64_t sets_accepted, sets_rejected, sets_rejected_by[STEK_REJECT_COUNT];
-    atomic_uint_fast64_t current_epoch, generation, lifetime_s;
+    atomic_uint_fast64_t current_epoch, generation;
     atomic_int_fast64_t last_fetch_unix;
-    atomic_bool stream_up;
 };
 
 static void bump(atomic_uint_fast64_t *c)
@@ -359,16 +434,48 @@ static stek_status read_pem_key(const char *path, bool private_key, EVP_PKEY **o
 }
 
 static void *run(void *arg);
+static void stop_threads(stek_client *c);
+
+static long group_of(const stek_client *c, const char *name)
+{
+    for (size_t i = 0; i < c->n_groups; i++)
+        if (strcmp(c->groups[i].name, name) == 0)
+            return (long)i;
+    return -1;
+}
 
 static stek_status client_init(stek_client *c, const stek_options *o)
 {
     STEK_ENSURE(o->n_servers > 0 && o->ca != NULL && o->cert != NULL && o->key != NULL &&
                     o->group != NULL && o->n_service_keys > 0,
                 STEK_ERR_CONFIG);
-    snprintf(c->group, sizeof(c->group), "%s", o->group);
     c->early_data = o->early_data;
     c->keep_sid_ctx = o->keep_sid_ctx;
-    c->heartbeat_ns = DEFAULT_HEARTBEAT_NS;
+    for (size_t i = 0; i <= o->n_extra_groups; i++) {
+        const char *name = i == 0 ? o->group : o->extra_groups[i - 1];
+        if (group_of(c, name) >= 0)
+            continue; /* the default group added again */
+        STEK_ENSURE(c->n_groups < STEK_MAX_GROUPS, STEK_ERR_CONFIG);
+        stek_group_state *g = &c->groups[c->n_groups];
+        g->c = c;
+        g->index = c->n_groups++;
+        snprintf(g->name, sizeof(g->name), "%s", name);
+        g->heartbeat_ns = DEFAULT_HEARTBEAT_NS;
+    }
+    if (o->n_map > 0) {
+        c->map = calloc(o->n_map, sizeof(*c->map));
+        STEK_ENSURE(c->map != NULL, STEK_ERR_NOMEM);
+    }
+    for (size_t i = 0; i < o->n_map; i++) {
+        long g = group_of(c, o->map_groups[i]);
+        if (g < 0)
+            STEK_BAIL(STEK_ERR_CONFIG, "server name %s maps to group %s, which is not added",
+                      o->map_names[i], o->map_groups[i]);
+        stek_sni_map *m = &c->map[c->n_map++];
+        snprintf(m->name, sizeof(m->name), "%s", o->map_names[i]);
+        m->len = strlen(m->name);
+        m->group = (size_t)g;
+    }
     for (size_t i = 0; i < o->n_service_keys; i++) {
         STEK_GUARD(read_pem_key(o->service_keys[i], false, &c->service_pubs[i]));
         c->n_service_pubs++;
@@ -376,12 +483,13 @@ static stek_status client_init(stek_client *c, const stek_options *o)
     STEK_GUARD(read_pem_key(o->key, true, &c->cert_key));
     c->aes = EVP_CIPHER_fetch(NULL, "AES-256-CBC", NULL);
     STEK_ENSURE(c->aes != NULL, STEK_ERR_CRYPTO);
-    if (o->state_dir != NULL) {
-        size_t len = strlen(o->state_dir) + strlen(c->group) + 32;
-        c->hwm_path = malloc(len);
-        STEK_ENSURE(c->hwm_path != NULL, STEK_ERR_NOMEM);
-        snprintf(c->hwm_path, len, "%s/%s.generation", o->state_dir, c->group);
-        STEK_GUARD(hwm_read(c->hwm_path, &c->generation_hwm));
+    for (size_t i = 0; o->state_dir != NULL && i < c->n_groups; i++) {
+        stek_group_state *g = &c->groups[i];
+        size_t len = strlen(o->state_dir) + strlen(g->name) + 32;
+        g->hwm_path = malloc(len);
+        STEK_ENSURE(g->hwm_path != NULL, STEK_ERR_NOMEM);
+        snprintf(g->hwm_path, len, "%s/%s.generation", o->state_dir, g->name);
+        STEK_GUARD(hwm_read(g->hwm_path, &g->generation_hwm));
     }
     for (size_t i = 0; i < o->n_servers; i++) {
         stek_transport_opts to = {
@@ -418,12 +526,17 @@ static void client_destroy(stek_client *c)
         EVP_PKEY_free(c->service_pubs[i]);
     EVP_PKEY_free(c->cert_key);
     EVP_CIPHER_free(c->aes);
-    stek_host_eph_free(c->eph);
-    stek_cleanse(c->nonce, sizeof(c->nonce));
-    free(c->request);
-    free(c->hwm_path);
+    for (size_t i = 0; i < c->n_groups; i++) {
+        stek_group_state *g = &c->groups[i];
+        stek_host_eph_free(g->eph);
+        stek_cleanse(g->nonce, sizeof(g->nonce));
+        free(g->request);
+        free(g->hwm_path);
+    }
+    free(c->map);
     pthread_cond_destroy(&c->cv);
     pthread_mutex_destroy(&c->mu);
+    pthread_mutex_destroy(&c->wmu);
     free(c);
 }
 
@@ -441,6 +554,7 @@ stek_result stek_client_new(const stek_options *o, stek_client **out)
     pthread_cond_init(&c->cv, &ca);
     pthread_condattr_destroy(&ca);
     pthread_mutex_init(&c->mu, NULL);
+    pthread_mutex_init(&c->wmu, NULL);
     stek_status st = client_init(c, o);
     if (st != STEK_OK) {
         stek_log(STEK_LOG_ERROR, COMPONENT, "client: %s: %s", stek_status_name(st),
@@ -448,26 +562,37 @@ stek_result stek_client_new(const stek_options *o, stek_client **out)
         client_destroy(c);
         return result_of(st);
     }
-    if (pthread_create(&c->thread, NULL, run, c) != 0) {
-        client_destroy(c);
-        return STEK_RESULT_NO_MEMORY;
+    for (size_t i = 0; i < c->n_groups; i++) {
+        if (pthread_create(&c->groups[i].thread, NULL, run, &c->groups[i]) != 0) {
+            stop_threads(c);
+            client_destroy(c);
+            return STEK_RESULT_NO_MEMORY;
+        }
+        c->groups[i].thread_started = true;
     }
-    c->thread_started = true;
     *out = c;
     return STEK_RESULT_OK;
+}
+
+/* Stops every group thread (each sees the flag within a read slice). */
+static void stop_threads(stek_client *c)
+{
+    pthread_mutex_lock(&c->mu);
+    atomic_store(&c->stop, true);
+    pthread_cond_broadcast(&c->cv);
+    pthread_mutex_unlock(&c->mu);
+    for (size_t i = 0; i < c->n_groups; i++)
+        if (c->groups[i].thread_started) {
+            pthread_join(c->groups[i].thread, NULL);
+            c->groups[i].thread_started = false;
+        }
 }
 
 void stek_client_free(stek_client *c)
 {
     if (c == NULL)
         return;
-    if (c->thread_started) {
-        pthread_mutex_lock(&c->mu);
-        atomic_store(&c->stop, true);
-        pthread_cond_broadcast(&c->cv);
-        pthread_mutex_unlock(&c->mu);
-        pthread_join(c->thread, NULL);
-    }
+    stop_threads(c);
     client_destroy(c);
 }
 
@@ -511,6 +636,7 @@ stek_result stek_client_get_counters(const stek_client *cc, stek_counters *out)
     out->miss_unknown = atomic_load(&c->miss_unknown);
     out->miss_expired = atomic_load(&c->miss_expired);
     out->miss_other_generation = atomic_load(&c->miss_other_generation);
+    out->miss_other_group = atomic_load(&c->miss_other_group);
     out->no_key_encrypts = atomic_load(&c->no_key_encrypts);
     out->sets_accepted = atomic_load(&c->sets_accepted);
     out->sets_rejected = atomic_load(&c->sets_rejected);
@@ -519,7 +645,9 @@ stek_result stek_client_get_counters(const stek_client *cc, stek_counters *out)
     out->current_epoch = atomic_load(&c->current_epoch);
     out->generation = atomic_load(&c->generation);
     out->last_fetch_unix = atomic_load(&c->last_fetch_unix);
-    out->stream_up = atomic_load(&c->stream_up);
+    out->stream_up = c->n_groups > 0;
+    for (size_t i = 0; i < c->n_groups; i++)
+        out->stream_up = out->stream_up && atomic_load(&c->groups[i].stream_up);
     out->ready = atomic_load(&c->ready);
     return STEK_RESULT_OK;
 }
@@ -546,6 +674,56 @@ static bool mac_init(EVP_MAC_CTX *hctx, const uint8_t *hmac_key)
 }
 
 /*
+ * The server name the client sent: SSL_get_servername, or while the
+ * ClientHello is being processed (a TLS 1.2 ticket is decrypted before the
+ * server_name extension is recorded) the extension itself. No allocation.
+ */
+static bool sni_of(SSL *s, const char **name, size_t *len)
+{
+    const char *n = SSL_get_servername(s, TLSEXT_NAMETYPE_host_name);
+    if (n != NULL) {
+        *name = n;
+        *len = strlen(n);
+        return true;
+    }
+    const unsigned char *p = NULL;
+    size_t left = 0;
+    if (SSL_client_hello_get0_ext(s, TLSEXT_TYPE_server_name, &p, &left) != 1 || left < 2)
+        return false;
+    size_t list = ((size_t)p[0] << 8) | p[1];
+    p += 2;
+    left -= 2;
+    if (list > left)
+        return false;
+    left = list;
+    while (left >= 3) {
+        size_t l = ((size_t)p[1] << 8) | p[2];
+        if (l > left - 3)
+            return false;
+        if (p[0] == TLSEXT_NAMETYPE_host_name) {
+            *name = (const char *)p + 3;
+            *len = l;
+            return true;
+        }
+        p += 3 + l;
+        left -= 3 + l;
+    }
+    return false;
+}
+
+/* The group of this connection: its server name's, or the default group. */
+static const char *conn_group(const stek_client *c, SSL *s)
+{
+    const char *name = NULL;
+    size_t len = 0;
+    if (c->n_map > 0 && sni_of(s, &name, &len))
+        for (size_t i = 0; i < c->n_map; i++)
+            if (c->map[i].len == len && strncasecmp(c->map[i].name, name, len) == 0)
+                return c->groups[c->map[i].group].name;
+    return c->groups[0].name;
+}
+
+/*
  * OpenSSL's ticket key callback. Return values (OpenSSL 3.0): encrypt 1 =
  * ticket made, 0 = no ticket (the handshake completes without one; -1
  * would abort it); decrypt 1 = use, 2 = use and renew, 0 = not ours (full
@@ -555,9 +733,9 @@ static bool mac_init(EVP_MAC_CTX *hctx, const uint8_t *hmac_key)
 static int ticket_cb(SSL *s, unsigned char key_name[16], unsigned char *iv, EVP_CIPHER_CTX *cctx,
                      EVP_MAC_CTX *hctx, int enc)
 {
-    /* SSL_get_SSL_CTX is the SNI-selected context; only the listener's
-     * initial context carries the client, so after an SNI switch this finds
-     * none and issues no ticket (per-vhost groups come later). */
+    /* SSL_get_SSL_CTX is the SNI-selected context; OpenSSL 3.0 has no
+     * getter for the initial one, so an application that switches contexts
+     * attaches the client to each of them (stek.h). */
     stek_client *c = ex_index >= 0 ? SSL_CTX_get_ex_data(SSL_get_SSL_CTX(s), ex_index) : NULL;
     if (c == NULL)
         return 0;
@@ -565,9 +743,10 @@ static int ticket_cb(SSL *s, unsigned char key_name[16], unsigned char *iv, EVP_
     const stek_ring *r = stek_keyring_read_begin(c->ring, &slot);
     const int64_t now = stek_boottime_ns();
     int ret = 0;
+    const char *group = conn_group(c, s);
     if (enc) {
         bool stale = false;
-        int g = stek_ring_group_index(r, c->group);
+        int g = stek_ring_group_index(r, group);
         long i = g >= 0 ? stek_ring_encrypt_key(r, (uint32_t)g, now, &stale) : -1;
         if (i < 0) {
             bump(&c->no_key_encrypts);
@@ -592,6 +771,12 @@ static int ticket_cb(SSL *s, unsigned char key_name[16], unsigned char *iv, EVP_
         switch (l) {
         case STEK_RING_FOUND_CURRENT:
         case STEK_RING_FOUND_OTHER: {
+            if (strcmp(r->groups[r->keys[i].group].name, group) != 0) {
+                /* Another group's ticket under this server name: it
+                 * resumes only within its own group. */
+                bump(&c->miss_other_group);
+                goto done;
+            }
             const uint8_t *e = stek_ring_entry(r, (size_t)i);
             if (EVP_DecryptInit_ex(cctx, c->aes, NULL,
                                    e + STEK_RING_NAME_BYTES + STEK_RING_HMAC_BYTES, iv) != 1 ||
@@ -645,7 +830,7 @@ static int gen_cb(SSL *s, void *arg)
     const stek_ring *r = stek_keyring_read_begin(c->ring, &slot);
     const int64_t now = stek_boottime_ns();
     bool stale = false;
-    int g = stek_ring_group_index(r, c->group);
+    int g = stek_ring_group_index(r, conn_group(c, s));
     long i = g >= 0 ? stek_ring_encrypt_key(r, (uint32_t)g, now, &stale) : -1;
     long left = 0;
     if (i >= 0) {
@@ -680,7 +865,7 @@ stek_result stek_client_attach(stek_client *c, SSL_CTX *ctx)
         EVP_MD_CTX *md = EVP_MD_CTX_new();
         bool ok = md != NULL && EVP_DigestInit_ex(md, EVP_sha256(), NULL) == 1 &&
                   EVP_DigestUpdate(md, SID_CTX_LABEL, strlen(SID_CTX_LABEL)) == 1 &&
-                  EVP_DigestUpdate(md, c->group, strlen(c->group)) == 1 &&
+                  EVP_DigestUpdate(md, c->groups[0].name, strlen(c->groups[0].name)) == 1 &&
                   EVP_DigestFinal_ex(md, sid, NULL) == 1;
         EVP_MD_CTX_free(md);
         _Static_assert(SHA256_DIGEST_LENGTH <= SSL_MAX_SID_CTX_LENGTH, "sid ctx size");
@@ -689,7 +874,11 @@ stek_result stek_client_attach(stek_client *c, SSL_CTX *ctx)
     }
     if (!c->early_data && SSL_CTX_set_max_early_data(ctx, 0) != 1)
         return STEK_RESULT_INTERNAL;
-    uint64_t l = atomic_load(&c->lifetime_s);
+    uint64_t l = 0; /* the longest L of our groups: gen_cb caps each ticket */
+    for (size_t i = 0; i < c->n_groups; i++) {
+        uint64_t gl = atomic_load(&c->groups[i].lifetime_s);
+        l = gl > l ? gl : l;
+    }
     if (l > 0 && (uint64_t)SSL_CTX_get_timeout(ctx) > l)
         SSL_CTX_set_timeout(ctx, (long)l);
     if (SSL_CTX_up_ref(ctx) != 1)
@@ -716,18 +905,24 @@ static void set_ready(stek_client *c, bool ready)
     pthread_mutex_unlock(&c->mu);
 }
 
-/* Whether the published snapshot can encrypt for our group now. */
+/* Whether the published snapshot can encrypt for every group now. Under wmu. */
 static void update_ready(stek_client *c)
 {
     const stek_ring *r = stek_keyring_peek(c->ring);
-    bool stale = false;
-    int g = stek_ring_group_index(r, c->group);
-    set_ready(c, g >= 0 && stek_ring_encrypt_key(r, (uint32_t)g, stek_boottime_ns(), &stale) >= 0);
+    const int64_t now = stek_boottime_ns();
+    bool ready = true;
+    for (size_t i = 0; i < c->n_groups && ready; i++) {
+        bool stale = false;
+        int g = stek_ring_group_index(r, c->groups[i].name);
+        ready = g >= 0 && stek_ring_encrypt_key(r, (uint32_t)g, now, &stale) >= 0;
+    }
+    set_ready(c, ready);
 }
 
 /* Republishes without the keys past their decrypt deadline, if any. */
 static void drop_expired(stek_client *c)
 {
+    pthread_mutex_lock(&c->wmu);
     const stek_ring *r = stek_keyring_peek(c->ring);
     const int64_t now = stek_boottime_ns();
     bool any = false;
@@ -743,6 +938,7 @@ static void drop_expired(stek_client *c)
                      stek_error_detail());
     }
     update_ready(c);
+    pthread_mutex_unlock(&c->wmu);
 }
 
 /* Sleeps up to ms, waking for stop, and drops expired keys every second. */
@@ -762,7 +958,7 @@ static void idle(stek_client *c, int ms)
 }
 
 /* A new ephemeral key and nonce, and the one signed request for them. */
-static stek_status new_request(stek_client *c)
+static stek_status new_request(stek_group_state *c)
 {
     stek_host_eph *eph = NULL;
     uint8_t *req = NULL;
@@ -773,7 +969,7 @@ static stek_status new_request(stek_client *c)
         STEK_BAIL(STEK_ERR_CRYPTO, "RAND_bytes");
     }
     stek_status st =
-        stek_request_build(c->group, eph, c->nonce, sizeof(c->nonce), c->cert_key, &req, &len);
+        stek_request_build(c->name, eph, c->nonce, sizeof(c->nonce), c->c->cert_key, &req, &len);
     if (st != STEK_OK) {
         stek_host_eph_free(eph);
         return st;
@@ -788,7 +984,7 @@ static stek_status new_request(stek_client *c)
 }
 
 /* (T0, P, L) from an accepted set's CURRENT key: pinned for our lifetime. */
-static void pin_schedule(stek_client *c, const stek_accepted_set *set)
+static void pin_schedule(stek_group_state *c, const stek_accepted_set *set)
 {
     const stek_accepted_key *k = &set->keys[set->current];
     const int64_t ns = 1000000000LL;
@@ -822,31 +1018,36 @@ static stek_status install(stek_client *c, const stek_accepted_set *set)
         .keys = keys,
         .entries = stek_accepted_entry(set, 0),
     };
-    STEK_GUARD_GOTO(stek_ring_build(stek_keyring_peek(c->ring), &in, boot, &next));
-    stek_keyring_publish(c->ring, next);
-    next = NULL;
+    pthread_mutex_lock(&c->wmu);
+    st = stek_ring_build(stek_keyring_peek(c->ring), &in, boot, &next);
+    if (st == STEK_OK) {
+        stek_keyring_publish(c->ring, next);
+        next = NULL;
+    }
+    pthread_mutex_unlock(&c->wmu);
 done:
     free(keys);
     stek_ring_free(next);
     return st;
 }
 
-static void on_accepted(stek_client *c, const stek_accepted_set *set)
+static void on_accepted(stek_group_state *g, const stek_accepted_set *set)
 {
-    if (!c->sched_pinned)
-        pin_schedule(c, set);
-    if (set->generation > c->generation_hwm) {
-        if (c->hwm_path != NULL) {
-            stek_status st = hwm_write(c->hwm_path, set->generation);
+    stek_client *const c = g->c;
+    if (!g->sched_pinned)
+        pin_schedule(g, set);
+    if (set->generation > g->generation_hwm) {
+        if (g->hwm_path != NULL) {
+            stek_status st = hwm_write(g->hwm_path, set->generation);
             if (st != STEK_OK)
                 stek_log(STEK_LOG_ERROR, COMPONENT, "high-water mark not saved: %s",
                          stek_error_detail());
         }
-        c->generation_hwm = set->generation;
-        c->current_epoch_hwm = 0;
+        g->generation_hwm = set->generation;
+        g->current_epoch_hwm = 0;
     }
-    if (set->current_epoch > c->current_epoch_hwm)
-        c->current_epoch_hwm = set->current_epoch;
+    if (set->current_epoch > g->current_epoch_hwm)
+        g->current_epoch_hwm = set->current_epoch;
     stek_status st = install(c, set);
     if (st != STEK_OK) {
         stek_log(STEK_LOG_ERROR, COMPONENT, "install: %s: %s", stek_status_name(st),
@@ -855,18 +1056,23 @@ static void on_accepted(stek_client *c, const stek_accepted_set *set)
     }
     const stek_accepted_key *k = &set->keys[set->current];
     uint64_t l = (uint64_t)((k->decrypt_until - k->encrypt_until) / 1000000000LL);
-    atomic_store(&c->lifetime_s, l);
-    atomic_store(&c->current_epoch, set->current_epoch);
-    atomic_store(&c->generation, set->generation);
+    atomic_store(&g->lifetime_s, l);
+    if (g->index == 0) { /* the public epoch and generation are the default group's */
+        atomic_store(&c->current_epoch, set->current_epoch);
+        atomic_store(&c->generation, set->generation);
+    }
     atomic_store(&c->last_fetch_unix, stek_walltime_ns() / 1000000000LL);
     bump(&c->sets_accepted);
     stek_log(STEK_LOG_DEBUG, COMPONENT, "group %s: generation %llu, epoch %llu, %zu keys",
              set->group, (unsigned long long)set->generation,
              (unsigned long long)set->current_epoch, set->n_keys);
+    /* Ready last: whoever waited for it sees the counters above. */
+    pthread_mutex_lock(&c->wmu);
     update_ready(c);
+    pthread_mutex_unlock(&c->wmu);
 }
 
-static void on_heartbeat(stek_client *c, const uint8_t *msg, size_t len)
+static void on_heartbeat(stek_group_state *c, const uint8_t *msg, size_t len)
 {
     Stek__V1__KeySet *ks = stek__v1__key_set__unpack(NULL, len, msg);
     if (ks == NULL)
@@ -880,39 +1086,40 @@ static void on_heartbeat(stek_client *c, const uint8_t *msg, size_t len)
 }
 
 /* One message of the stream. Returns true when a set was accepted. */
-static bool handle(stek_client *c, const uint8_t *msg, size_t len)
+static bool handle(stek_group_state *g, const uint8_t *msg, size_t len)
 {
+    stek_client *const c = g->c;
     stek_accept_ctx ac = {
         .service_pubs = c->service_pubs,
         .n_service_pubs = c->n_service_pubs,
         .identity = NULL, /* whichever SAN the policy matched; eph and nonce bind it to us */
-        .eph = c->eph,
-        .nonce = c->nonce,
-        .nonce_len = sizeof(c->nonce),
-        .group = c->group,
-        .sched = c->sched_pinned ? &c->sched : NULL,
+        .eph = g->eph,
+        .nonce = g->nonce,
+        .nonce_len = sizeof(g->nonce),
+        .group = g->name,
+        .sched = g->sched_pinned ? &g->sched : NULL,
         .now = stek_walltime_ns() / 1000000000LL,
-        .generation_hwm = c->generation_hwm,
-        .current_epoch_hwm = c->current_epoch_hwm,
+        .generation_hwm = g->generation_hwm,
+        .current_epoch_hwm = g->current_epoch_hwm,
     };
     stek_accepted_set *set = NULL;
     stek_reject why = STEK_REJECT_NONE;
     bool hb = false;
     stek_status st = stek_accept(&ac, msg, len, &set, &why, &hb);
     if (st == STEK_OK && hb) {
-        on_heartbeat(c, msg, len);
+        on_heartbeat(g, msg, len);
         return false;
     }
     if (st == STEK_OK) {
-        on_accepted(c, set);
+        on_accepted(g, set);
         stek_accepted_set_free(set);
         return true;
     }
     if (st == STEK_ERR_VERIFY && why > STEK_REJECT_NONE && why < STEK_REJECT_COUNT) {
         bump(&c->sets_rejected);
         bump(&c->sets_rejected_by[why]);
-        stek_log(STEK_LOG_WARN, COMPONENT, "key set rejected: %s: %s", stek_reject_name(why),
-                 stek_error_detail());
+        stek_log(STEK_LOG_WARN, COMPONENT, "group %s: key set rejected: %s: %s", g->name,
+                 stek_reject_name(why), stek_error_detail());
     } else {
         stek_log(STEK_LOG_ERROR, COMPONENT, "key set not checked: %s: %s", stek_status_name(st),
                  stek_error_detail());
@@ -922,11 +1129,12 @@ static bool handle(stek_client *c, const uint8_t *msg, size_t len)
 
 /* One WatchKeySet stream on one replica, until it ends, goes silent, the
  * ephemeral key is due, or we stop. Returns whether it delivered a set. */
-static bool watch(stek_client *c, stek_transport *t, const char *target, bool quiet)
+static bool watch(stek_group_state *g, stek_transport *t, const char *target, bool quiet)
 {
+    stek_client *const c = g->c;
     stek_watch *w = NULL;
     bool delivered = false;
-    stek_status st = stek_transport_watch_start(t, c->request, c->request_len, &w);
+    stek_status st = stek_transport_watch_start(t, g->request, g->request_len, &w);
     if (st != STEK_OK) {
         stek_log(STEK_LOG_ERROR, COMPONENT, "%s: watch: %s", target, stek_error_detail());
         return false;
@@ -939,8 +1147,8 @@ static bool watch(stek_client *c, stek_transport *t, const char *target, bool qu
         const int64_t now = stek_boottime_ns();
         if (got == 1) {
             last = now;
-            atomic_store(&c->stream_up, true);
-            delivered |= handle(c, msg, len);
+            atomic_store(&g->stream_up, true);
+            delivered |= handle(g, msg, len);
             free(msg);
         } else if (got == 0) {
             int code = STEK_TRANSPORT_NO_STATUS;
@@ -950,28 +1158,30 @@ static bool watch(stek_client *c, stek_transport *t, const char *target, bool qu
             stek_log(quiet && !delivered ? STEK_LOG_DEBUG : STEK_LOG_WARN, COMPONENT,
                      "%s: stream ended: gRPC %d (%s)", target, code, details);
             break;
-        } else if (now - last > 3 * c->heartbeat_ns) {
+        } else if (now - last > 3 * g->heartbeat_ns) {
             stek_log(STEK_LOG_WARN, COMPONENT, "%s: stream silent for %lld ms; reconnecting",
                      target, (long long)((now - last) / 1000000));
             break;
         }
         drop_expired(c);
-        if (now - c->eph_born > EPH_MAX_AGE_NS)
+        if (now - g->eph_born > EPH_MAX_AGE_NS)
             break; /* the caller makes a new key and request */
     }
-    atomic_store(&c->stream_up, false);
+    atomic_store(&g->stream_up, false);
     stek_transport_watch_cancel_free(w);
     return delivered;
 }
 
+/* One group's thread: watches its keys, failing over across replicas. */
 static void *run(void *arg)
 {
-    stek_client *c = arg;
+    stek_group_state *g = arg;
+    stek_client *const c = g->c;
     size_t replica = 0;
     unsigned failures = 0;
     while (!stopping(c)) {
-        if (c->request == NULL || stek_boottime_ns() - c->eph_born > EPH_MAX_AGE_NS) {
-            stek_status st = new_request(c);
+        if (g->request == NULL || stek_boottime_ns() - g->eph_born > EPH_MAX_AGE_NS) {
+            stek_status st = new_request(g);
             if (st != STEK_OK) {
                 stek_log(STEK_LOG_ERROR, COMPONENT, "request: %s: %s", stek_status_name(st),
                          stek_error_detail());
@@ -980,7 +1190,7 @@ static void *run(void *arg)
             }
         }
         bool delivered =
-            watch(c, c->transports[replica], c->targets[replica], failures >= c->n_transports);
+            watch(g, c->transports[replica], c->targets[replica], failures >= c->n_transports);
         if (stopping(c))
             break;
         failures = delivered ? 0 : failures + 1;

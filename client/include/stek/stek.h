@@ -57,6 +57,11 @@ extern "C" {
 /* Most service replicas and pinned service keys one client takes. */
 #define STEK_MAX_SERVERS 16
 #define STEK_MAX_SERVICE_KEYS 8
+/* Most groups one client serves (the default group included). */
+#define STEK_MAX_GROUPS 16
+/* Most server names one client maps to groups, and the longest name. */
+#define STEK_MAX_SERVER_NAMES 64
+#define STEK_SERVER_NAME_MAX_BYTES 253
 
 typedef enum stek_result {
     STEK_RESULT_OK = 0,
@@ -104,11 +109,14 @@ typedef struct stek_counters {
     uint64_t sets_accepted;
     uint64_t sets_rejected; /* total of sets_rejected_by */
     uint64_t sets_rejected_by[STEK_REJECTED_COUNT];
-    uint64_t current_epoch;  /* CURRENT epoch of the newest accepted set; 0 = none */
+    uint64_t current_epoch;  /* CURRENT epoch of the default group's newest set; 0 = none */
     uint64_t generation;     /* its generation; 0 = none */
     int64_t last_fetch_unix; /* wall-clock seconds of the last accepted set; 0 = never */
-    bool stream_up;          /* a WatchKeySet stream is delivering messages */
-    bool ready;              /* a key is installed that can encrypt */
+    bool stream_up;          /* every group's WatchKeySet stream is delivering messages */
+    bool ready;              /* every group has a key installed that can encrypt */
+    /* Appended (several groups): a ticket of another of our groups, offered
+     * under a server name of this group. Not resumed. */
+    uint64_t miss_other_group;
 } stek_counters;
 
 typedef struct stek_options stek_options;
@@ -154,8 +162,40 @@ STEK_API stek_result stek_options_set_cert(stek_options *o, const char *cert_pem
  */
 STEK_API stek_result stek_options_set_service_key(stek_options *o, const char *pub_pem_path);
 
-/* The group whose keys this client fetches. Required; [a-z0-9._-], 1..64 bytes. */
+/*
+ * The default group: the one whose keys this client fetches, and which
+ * serves connections whose server name is not mapped to another group (or
+ * that send none). Required; [a-z0-9._-], 1..64 bytes.
+ */
 STEK_API stek_result stek_options_set_group(stek_options *o, const char *group);
+
+/*
+ * Adds a further group, for several groups on one listener (virtual hosts):
+ * the client fetches and watches its keys too (one background thread and
+ * one WatchKeySet stream per group), and connections whose server name is
+ * mapped to it (stek_options_map_server_name) use its keys. Adding a group
+ * twice, or the default group, is a no-op. The host certificate must be
+ * allowed by every group's policy in stekd. Returns OK; INVALID_ARGUMENT
+ * for a bad name or more than STEK_MAX_GROUPS - 1 further groups;
+ * NO_MEMORY.
+ */
+STEK_API stek_result stek_options_add_group(stek_options *o, const char *group);
+
+/*
+ * Maps a TLS server name (SNI), exactly but case-insensitively (no
+ * wildcards), to a group: the default group or one added with
+ * stek_options_add_group (checked by stek_client_new, which returns CONFIG
+ * for a name mapped to a group that is neither). Connections with that
+ * server name get tickets under that group's keys, and resume only tickets
+ * of that group: a ticket of another of the client's groups is a full
+ * handshake (counted as miss_other_group). Unmapped names and connections
+ * without SNI belong to the default group. Mapping a name again replaces
+ * its group. Returns OK; INVALID_ARGUMENT for an empty name, one longer
+ * than STEK_SERVER_NAME_MAX_BYTES, a bad group name or more than
+ * STEK_MAX_SERVER_NAMES names; NO_MEMORY.
+ */
+STEK_API stek_result stek_options_map_server_name(stek_options *o, const char *server_name,
+                                                  const char *group);
 
 /* Optional: the name checked against the service's certificate instead of
  * the host part of each address. NULL clears it. */
@@ -179,7 +219,8 @@ STEK_API stek_result stek_options_allow_early_data(stek_options *o, bool allow);
 
 /*
  * Whether stek_client_attach keeps the application's own session-id
- * context. Default false: attach sets SHA-256("stek-sid-v1" || group),
+ * context. Default false: attach sets SHA-256("stek-sid-v1" || default
+ * group),
  * because OpenSSL 3.0 offers no way to read a context's session-id context
  * back, so libstek cannot tell whether the application set one. With true,
  * the application sets it itself, identically on every server of the group
@@ -191,27 +232,27 @@ STEK_API stek_result stek_options_keep_session_id_context(stek_options *o, bool 
 
 /*
  * Creates a client from o: reads and checks the key files, the CA and the
- * state directory's high-water mark, and starts its background thread,
- * which fetches and watches the group's keys. Returns at once (no network
- * wait); see stek_client_wait_ready.
+ * state directory's high-water marks, and starts its background threads
+ * (one per group), which fetch and watch the groups' keys. Returns at once
+ * (no network wait); see stek_client_wait_ready.
  * Returns OK and *out (stek_client_free); CONFIG when a required option is
- * missing; IO when a file cannot be read, or the high-water mark file is
- * corrupt; CRYPTO when a key is unusable; NO_MEMORY.
+ * missing or a server name is mapped to a group not added; IO when a file cannot be read, or the
+ * high-water mark file is corrupt; CRYPTO when a key is unusable; NO_MEMORY.
  */
 STEK_API stek_result stek_client_new(const stek_options *o, stek_client **out);
 
 /*
- * Waits up to timeout_ms (>= 0) until a key that can encrypt is installed.
- * Returns OK, or TIMEOUT. Handshakes on an attached context work either
- * way: without a key they are full handshakes without a ticket.
- * Thread-safe.
+ * Waits up to timeout_ms (>= 0) until a key that can encrypt is installed,
+ * for every group of the client. Returns OK, or TIMEOUT. Handshakes on an attached context work
+ * either way: without a key they are full handshakes without a ticket. Thread-safe.
  */
 STEK_API stek_result stek_client_wait_ready(stek_client *c, int timeout_ms);
 
 /*
  * Attaches the client to ctx, which must be the listener's initial SSL_CTX
  * (OpenSSL calls the ticket callback of the initial context even after SNI
- * switched to another one). It:
+ * switched to another one; an application whose SNI callback switches
+ * contexts attaches the client to those contexts too). It:
  *   - installs the ticket key callback (SSL_CTX_set_tlsext_ticket_key_evp_cb)
  *     and a ticket generation callback (SSL_CTX_set_session_ticket_cb, which
  *     the application must then not set itself);
@@ -219,9 +260,16 @@ STEK_API stek_result stek_client_wait_ready(stek_client *c, int timeout_ms);
  *     call stek_client_wait_ready first; in any case each ticket's session
  *     timeout is capped at the remaining life of its key);
  *   - sets max_early_data to 0 unless stek_options_allow_early_data;
- *   - sets the session-id context to SHA-256("stek-sid-v1" || group)
+ *   - sets the session-id context to SHA-256("stek-sid-v1" || default group)
  *     unless stek_options_keep_session_id_context: every server of a group
- *     must use the same one, or resumed sessions are refused.
+ *     must use the same one, or resumed sessions are refused. With several
+ *     groups it is still the default group's (it belongs to the SSL_CTX,
+ *     not to a group): groups are kept apart by their own keys, and by the
+ *     callback accepting only the tickets of the connection's group.
+ * On each handshake the callback picks the connection's group from its
+ * server name (SSL_get_servername, through the map; the default group
+ * otherwise), encrypts with that group's current key, and decrypts only
+ * tickets of that group.
  * The client takes a reference on ctx and detaches from it (removing both
  * callbacks) in stek_client_free, so either may be freed first, but no
  * handshake may run on ctx while stek_client_free runs. A context takes one
@@ -237,7 +285,7 @@ STEK_API stek_result stek_client_attach(stek_client *c, SSL_CTX *ctx);
 STEK_API stek_result stek_client_get_counters(const stek_client *c, stek_counters *out);
 
 /*
- * Stops the background thread (within about a second), detaches from every
+ * Stops the background threads (within about a second), detaches from every
  * attached context (which then issue no tickets and resume none of ours),
  * drops its references to them, cleanses every key and frees the client.
  * No handshake may run on an attached context during the call. Not
