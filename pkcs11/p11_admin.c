@@ -355,6 +355,36 @@ done:
     return st;
 }
 
+/*
+ * Finds the transport key "stek:transport:<id>" of class cls (the imported
+ * public half on the source, the private half on the target).
+ * STEK_ERR_NOT_FOUND names the label and where it was looked for.
+ */
+static stek_status find_transport(p11_sess *s, CK_OBJECT_CLASS cls, const char *label,
+                                  CK_OBJECT_HANDLE *tk)
+{
+    size_t have = 0;
+    STEK_GUARD(find_one(s, cls, label, tk, &have));
+    if (have == 0) {
+        *tk = CK_INVALID_HANDLE;
+        STEK_BAIL(STEK_ERR_NOT_FOUND, "no transport key %s in this token", label);
+    }
+    return STEK_OK;
+}
+
+/*
+ * Transport keys are single use: destroyed once an export or import ran,
+ * whether or not it worked. Returns st, or the destroy's failure when st
+ * was OK.
+ */
+static stek_status transport_used_up(p11_sess *s, CK_OBJECT_HANDLE tk, stek_status st)
+{
+    if (tk == CK_INVALID_HANDLE)
+        return st;
+    stek_status dst = p11_destroy(s, tk);
+    return st == STEK_OK ? dst : st;
+}
+
 static CK_RSA_PKCS_OAEP_PARAMS oaep = {CKM_SHA_1, CKG_MGF1_SHA1, CKZ_DATA_SPECIFIED, NULL, 0};
 
 stek_status stek_p11_chain_export(stek_p11 *p11, const char *group, uint32_t generation,
@@ -373,14 +403,9 @@ stek_status stek_p11_chain_export(stek_p11 *p11, const char *group, uint32_t gen
     STEK_GUARD(p11_sess_get_writer(p11, &s));
     stek_status st = STEK_OK;
     CK_OBJECT_HANDLE tk = CK_INVALID_HANDLE;
-    size_t have = 0;
     p11_keyobj *chains = NULL;
     size_t nc = 0;
-    STEK_GUARD_GOTO(find_one(&s, CKO_PUBLIC_KEY, label, &tk, &have));
-    if (have == 0) {
-        tk = CK_INVALID_HANDLE;
-        STEK_BAIL_GOTO(STEK_ERR_NOT_FOUND, "no transport key %s imported", label);
-    }
+    STEK_GUARD_GOTO(find_transport(&s, CKO_PUBLIC_KEY, label, &tk));
     STEK_GUARD_GOTO(p11_keys_list(&s, clabel, &chains, &nc));
     if (nc == 0)
         STEK_BAIL_GOTO(STEK_ERR_NOT_FOUND, "no chain key %s", clabel);
@@ -404,12 +429,7 @@ stek_status stek_p11_chain_export(stek_p11 *p11, const char *group, uint32_t gen
              (unsigned long long)*epoch, label);
 done:
     p11_sess_note(&s, st);
-    /* Single use: the imported key goes whether or not the wrap worked. */
-    if (tk != CK_INVALID_HANDLE) {
-        stek_status dst = p11_destroy(&s, tk);
-        if (st == STEK_OK)
-            st = dst;
-    }
+    st = transport_used_up(&s, tk, st);
     free(chains);
     return p11_sess_done(&s, st);
 }
@@ -429,14 +449,9 @@ stek_status stek_p11_chain_import(stek_p11 *p11, const char *group, uint32_t gen
     STEK_GUARD(p11_sess_get_writer(p11, &s));
     stek_status st = STEK_OK;
     CK_OBJECT_HANDLE tk = CK_INVALID_HANDLE;
-    size_t have = 0;
     p11_keyobj *chains = NULL;
     size_t nc = 0;
-    STEK_GUARD_GOTO(find_one(&s, CKO_PRIVATE_KEY, label, &tk, &have));
-    if (have == 0) {
-        tk = CK_INVALID_HANDLE;
-        STEK_BAIL_GOTO(STEK_ERR_NOT_FOUND, "no transport key %s in this token", label);
-    }
+    STEK_GUARD_GOTO(find_transport(&s, CKO_PRIVATE_KEY, label, &tk));
     STEK_GUARD_GOTO(p11_keys_list(&s, clabel, &chains, &nc));
     /* Importing an older chain key would resurrect destroyed epochs. */
     if (nc > 0 && chains[nc - 1].epoch >= epoch)
@@ -469,8 +484,8 @@ stek_status stek_p11_chain_import(stek_p11 *p11, const char *group, uint32_t gen
     CK_ULONG nt = p11_force_sensitive(t, sizeof(t) / sizeof(t[0]), forced);
     CK_MECHANISM m = {CKM_RSA_PKCS_OAEP, &oaep, sizeof(oaep)};
     CK_OBJECT_HANDLE out;
-    st = P11_CALL(p11, C_UnwrapKey, s.h, &m, tk, (CK_BYTE_PTR)blob, (CK_ULONG)blob_len, forced,
-                  nt, &out);
+    st = P11_CALL(p11, C_UnwrapKey, s.h, &m, tk, (CK_BYTE_PTR)blob, (CK_ULONG)blob_len, forced, nt,
+                  &out);
     /* SoftHSM reports a blob that fails OAEP decoding as CKR_GENERAL_ERROR;
      * with the token demonstrably there, that means a damaged or foreign blob. */
     if (st == STEK_ERR_HSM && p11_token_present(&s)) {
@@ -483,12 +498,7 @@ stek_status stek_p11_chain_import(stek_p11 *p11, const char *group, uint32_t gen
     stek_log(STEK_LOG_INFO, "pkcs11", "imported %s epoch %llu", clabel, (unsigned long long)epoch);
 done:
     p11_sess_note(&s, st);
-    /* Single use: a failed import needs a fresh transport key anyway. */
-    if (tk != CK_INVALID_HANDLE) {
-        stek_status dst = p11_destroy(&s, tk);
-        if (st == STEK_OK)
-            st = dst;
-    }
+    st = transport_used_up(&s, tk, st);
     free(chains);
     return p11_sess_done(&s, st);
 }

@@ -439,7 +439,11 @@ static stek_status cmd_init(stekctl *c, int argc, char **argv)
     return STEK_OK;
 }
 
-static stek_status cmd_group_add(stekctl *c, int argc, char **argv)
+/*
+ * The shape of group add, rekey and advance: no options, exactly one
+ * configured GROUP, and the token open. Reports failures.
+ */
+static stek_status one_group(stekctl *c, int argc, char **argv, const stekd_group_cfg **g)
 {
     static const struct option opts[] = {{NULL, 0, NULL, 0}};
     opts_reset();
@@ -447,9 +451,14 @@ static stek_status cmd_group_add(stekctl *c, int argc, char **argv)
         return STEK_ERR_INVALID_ARG;
     if (argc - optind != 1)
         return stekctl_usage(c, "expected one GROUP");
+    STEK_GUARD(stekctl_group(c, argv[optind], g));
+    return stekctl_open(c);
+}
+
+static stek_status cmd_group_add(stekctl *c, int argc, char **argv)
+{
     const stekd_group_cfg *g;
-    STEK_GUARD(stekctl_group(c, argv[optind], &g));
-    STEK_GUARD(stekctl_open(c));
+    STEK_GUARD(one_group(c, argc, argv, &g));
     bool added;
     uint32_t have;
     uint64_t e;
@@ -479,15 +488,8 @@ static stek_status need_generation(stekctl *c, const stekd_group_cfg *g, uint32_
 
 static stek_status cmd_rekey(stekctl *c, int argc, char **argv)
 {
-    static const struct option opts[] = {{NULL, 0, NULL, 0}};
-    opts_reset();
-    if (next_opt(c, argc, argv, opts) != -1)
-        return STEK_ERR_INVALID_ARG;
-    if (argc - optind != 1)
-        return stekctl_usage(c, "expected one GROUP");
     const stekd_group_cfg *g;
-    STEK_GUARD(stekctl_group(c, argv[optind], &g));
-    STEK_GUARD(stekctl_open(c));
+    STEK_GUARD(one_group(c, argc, argv, &g));
     uint32_t old;
     int64_t start;
     STEK_GUARD(need_generation(c, g, &old, &start));
@@ -510,15 +512,8 @@ static stek_status cmd_rekey(stekctl *c, int argc, char **argv)
 
 static stek_status cmd_advance(stekctl *c, int argc, char **argv)
 {
-    static const struct option opts[] = {{NULL, 0, NULL, 0}};
-    opts_reset();
-    if (next_opt(c, argc, argv, opts) != -1)
-        return STEK_ERR_INVALID_ARG;
-    if (argc - optind != 1)
-        return stekctl_usage(c, "expected one GROUP");
     const stekd_group_cfg *g;
-    STEK_GUARD(stekctl_group(c, argv[optind], &g));
-    STEK_GUARD(stekctl_open(c));
+    STEK_GUARD(one_group(c, argc, argv, &g));
     uint32_t n;
     int64_t start;
     STEK_GUARD(need_generation(c, g, &n, &start));

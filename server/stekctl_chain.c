@@ -319,20 +319,15 @@ stek_status stekctl_cmd_import_chain(stekctl *c, int argc, char **argv)
     }
     st = stek_p11_chain_import(c->p11, g->name, m->generation, m->epoch, m->transport_id,
                                m->wrapped.data, m->wrapped.len);
-    if (st == STEK_ERR_HSM || st == STEK_ERR_VERIFY) {
-        /* SoftHSM reports a blob that fails OAEP decoding as CKR_GENERAL_ERROR.
-         * With the token still answering, the file is what is wrong. */
-        char why[256];
-        snprintf(why, sizeof(why), "%s", stek_error_detail());
-        if (stek_p11_ping(c->p11) == STEK_OK) {
-            st = stekctl_fail(c, stek_error_set(STEK_ERR_VERIFY, "%s", why),
-                              "the chain key of group %s did not unwrap in this token: %s is "
-                              "damaged or was made for another transport key (transport key %s "
-                              "is used up)",
-                              g->name, in, m->transport_id);
-            goto done;
-        }
-        st = stek_error_set(st, "%s", why);
+    /* The layer tells a damaged or foreign blob (VERIFY) from a token that
+     * went away (HSM_UNAVAILABLE). */
+    if (st == STEK_ERR_VERIFY) {
+        st = stekctl_fail(c, st,
+                          "the chain key of group %s did not unwrap in this token: %s is "
+                          "damaged or was made for another transport key (transport key %s "
+                          "is used up)",
+                          g->name, in, m->transport_id);
+        goto done;
     }
     if (st != STEK_OK) {
         st = stekctl_fail(c, st,

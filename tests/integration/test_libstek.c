@@ -22,6 +22,7 @@
 #include <openssl/ssl.h>
 
 #include "fx_stekd.h"
+#include "fx_tls.h"
 #include "stek/stek.h"
 
 #define EPOCH_S 4
@@ -121,79 +122,11 @@ static int teardown(void **state)
 
 /* ---- in-memory handshakes ------------------------------------------------------------ */
 
-typedef struct hs_result {
-    bool ok;
-    bool client_reused, server_reused;
-    SSL_SESSION *session; /* the client's, after the tickets arrived (free it) */
-} hs_result;
+typedef fx_tls_result hs_result;
 
-static bool want_more(SSL *s, int rc)
-{
-    int e = SSL_get_error(s, rc);
-    return e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE;
-}
-
-/*
- * One TLS connection between a fresh client (version pinned to `version`)
- * and sctx, resuming `resume` when given. After the handshake the server
- * sends one byte, so the client processes any TLS 1.3 NewSessionTicket.
- */
 static hs_result handshake(SSL_CTX *sctx, int version, SSL_SESSION *resume)
 {
-    hs_result res = {0};
-    SSL_CTX *cctx = SSL_CTX_new(TLS_client_method());
-    assert_non_null(cctx);
-    assert_int_equal(SSL_CTX_set_min_proto_version(cctx, version), 1);
-    assert_int_equal(SSL_CTX_set_max_proto_version(cctx, version), 1);
-    SSL_CTX_set_verify(cctx, SSL_VERIFY_NONE, NULL);
-    SSL *s = SSL_new(sctx), *c = SSL_new(cctx);
-    assert_non_null(s);
-    assert_non_null(c);
-    BIO *bs = NULL, *bc = NULL;
-    assert_int_equal(BIO_new_bio_pair(&bs, 0, &bc, 0), 1);
-    SSL_set_bio(s, bs, bs);
-    SSL_set_bio(c, bc, bc);
-    SSL_set_accept_state(s);
-    SSL_set_connect_state(c);
-    if (resume != NULL)
-        assert_int_equal(SSL_set_session(c, resume), 1);
-
-    bool cdone = false, sdone = false;
-    for (int round = 0; round < 100 && !(cdone && sdone); round++) {
-        if (!cdone) {
-            int rc = SSL_do_handshake(c);
-            if (rc == 1)
-                cdone = true;
-            else if (!want_more(c, rc))
-                break;
-        }
-        if (!sdone) {
-            int rs = SSL_do_handshake(s);
-            if (rs == 1)
-                sdone = true;
-            else if (!want_more(s, rs))
-                break;
-        }
-    }
-    if (cdone && sdone) {
-        char byte = 'x', got = 0;
-        int w = SSL_write(s, &byte, 1);
-        int r = SSL_read(c, &got, 1);
-        res.ok = w == 1 && r == 1 && got == 'x';
-        res.client_reused = SSL_session_reused(c) == 1;
-        res.server_reused = SSL_session_reused(s) == 1;
-        res.session = SSL_get1_session(c);
-        /* A connection freed without close_notify marks its session not
-         * resumable (ssl_clear_bad_session). */
-        (void)SSL_shutdown(c);
-        (void)SSL_shutdown(s);
-    } else {
-        ERR_print_errors_fp(stderr);
-    }
-    SSL_free(c);
-    SSL_free(s);
-    SSL_CTX_free(cctx);
-    return res;
+    return fx_tls_handshake(sctx, version, NULL, resume);
 }
 
 static stek_counters counters(const stek_client *c)
