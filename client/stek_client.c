@@ -335,7 +335,7 @@ struct stek_client {
     /* Counters: relaxed atomics, read one by one. */
     atomic_uint_fast64_t tickets_issued, tickets_stale, tickets_resumed, tickets_renewed;
     atomic_uint_fast64_t miss_unknown, miss_expired, miss_other_generation, no_key_encrypts;
-    atomic_uint_fast64_t miss_other_group;
+    atomic_uint_fast64_t miss_other_group, miss_bad_mac;
     atomic_uint_fast64_t sets_accepted, sets_rejected, sets_rejected_by[STEK_REJECT_COUNT];
     atomic_uint_fast64_t current_epoch, generation;
     atomic_int_fast64_t last_fetch_unix;
@@ -637,6 +637,7 @@ stek_result stek_client_get_counters(const stek_client *cc, stek_counters *out)
     out->miss_expired = atomic_load(&c->miss_expired);
     out->miss_other_generation = atomic_load(&c->miss_other_generation);
     out->miss_other_group = atomic_load(&c->miss_other_group);
+    out->miss_bad_mac = atomic_load(&c->miss_bad_mac);
     out->no_key_encrypts = atomic_load(&c->no_key_encrypts);
     out->sets_accepted = atomic_load(&c->sets_accepted);
     out->sets_rejected = atomic_load(&c->sets_rejected);
@@ -724,19 +725,50 @@ static const char *conn_group(const stek_client *c, SSL *s)
 }
 
 /*
+ * Which client a handshake belongs to. The callbacks run on the listener's
+ * initial SSL_CTX (OpenSSL 3.0 calls them through s->session_ctx), but
+ * SSL_get_SSL_CTX returns the context an SNI callback switched to, and 3.0
+ * has no getter for the initial one. The generate and decrypt callbacks do
+ * get our argument, and OpenSSL calls them on the same thread as, and
+ * right around, the ticket key callback:
+ *   encrypt: gen_cb, then ticket_cb(enc=1)   (one tls_construct_new_session_ticket)
+ *   decrypt: ticket_cb(enc=0), then dec_cb   (one tls_decrypt_ticket)
+ * So gen_cb leaves the client in a thread-local note for ticket_cb, and
+ * ticket_cb leaves what it found for dec_cb. A note names its SSL, so a
+ * stale note from another connection on the thread is never used. No lock
+ * and no allocation. Decryption runs while the ClientHello is parsed,
+ * before the SNI callback can switch contexts, so there SSL_get_SSL_CTX is
+ * still the initial context.
+ */
+typedef struct cb_note {
+    const SSL *s;
+    stek_client *c;
+    bool found; /* decrypt: ticket_cb gave OpenSSL one of our keys */
+} cb_note;
+
+static _Thread_local cb_note enc_note, dec_note;
+
+static stek_client *client_of(const SSL *s, const cb_note *n)
+{
+    if (n->s == s && n->c != NULL)
+        return n->c;
+    return ex_index >= 0 ? SSL_CTX_get_ex_data(SSL_get_SSL_CTX(s), ex_index) : NULL;
+}
+
+/*
  * OpenSSL's ticket key callback. Return values (OpenSSL 3.0): encrypt 1 =
  * ticket made, 0 = no ticket (the handshake completes without one; -1
  * would abort it); decrypt 1 = use, 2 = use and renew, 0 = not ours (full
  * handshake). The snapshot is read under the keyring's read section only,
  * and the key bytes are copied into OpenSSL's contexts before it ends.
+ * Resumptions are counted in dec_cb, once OpenSSL has checked the MAC.
  */
 static int ticket_cb(SSL *s, unsigned char key_name[16], unsigned char *iv, EVP_CIPHER_CTX *cctx,
                      EVP_MAC_CTX *hctx, int enc)
 {
-    /* SSL_get_SSL_CTX is the SNI-selected context; OpenSSL 3.0 has no
-     * getter for the initial one, so an application that switches contexts
-     * attaches the client to each of them (stek.h). */
-    stek_client *c = ex_index >= 0 ? SSL_CTX_get_ex_data(SSL_get_SSL_CTX(s), ex_index) : NULL;
+    stek_client *c = client_of(s, enc ? &enc_note : &dec_note);
+    if (!enc)
+        dec_note = (cb_note){.s = s, .c = c, .found = false};
     if (c == NULL)
         return 0;
     unsigned slot;
@@ -782,13 +814,8 @@ static int ticket_cb(SSL *s, unsigned char key_name[16], unsigned char *iv, EVP_
                                    e + STEK_RING_NAME_BYTES + STEK_RING_HMAC_BYTES, iv) != 1 ||
                 !mac_init(hctx, e + STEK_RING_NAME_BYTES))
                 goto done; /* cannot decrypt: a full handshake */
-            if (l == STEK_RING_FOUND_CURRENT) {
-                bump(&c->tickets_resumed);
-                ret = 1;
-            } else {
-                bump(&c->tickets_renewed);
-                ret = 2;
-            }
+            dec_note.found = true;
+            ret = l == STEK_RING_FOUND_CURRENT ? 1 : 2;
             break;
         }
         case STEK_RING_MISS_EXPIRED:
@@ -805,7 +832,48 @@ static int ticket_cb(SSL *s, unsigned char key_name[16], unsigned char *iv, EVP_
     }
 done:
     stek_keyring_read_end(c->ring, slot);
+    if (enc)
+        enc_note = (cb_note){0};
     return ret;
+}
+
+/*
+ * OpenSSL's verdict on a ticket, after the MAC check and the session's
+ * decoding (SSL_CTX_set_session_ticket_cb): counts resumptions that really
+ * happen, and tickets under one of our keys whose MAC failed (forged or
+ * corrupted in transit). The returns keep OpenSSL's own behaviour for each
+ * status (SSL_CTX_set_session_ticket_cb(3)): use what decrypted, renew
+ * when the key cb asked, and a fresh ticket after a failed one.
+ */
+static SSL_TICKET_RETURN dec_cb(SSL *s, SSL_SESSION *ss, const unsigned char *keyname,
+                                size_t keyname_len, SSL_TICKET_STATUS status, void *arg)
+{
+    (void)ss;
+    (void)keyname;
+    (void)keyname_len;
+    stek_client *c = arg;
+    const bool ours = dec_note.s == s && dec_note.found;
+    dec_note = (cb_note){0};
+    switch (status) {
+    case SSL_TICKET_SUCCESS:
+        if (c != NULL)
+            bump(&c->tickets_resumed);
+        return SSL_TICKET_RETURN_USE;
+    case SSL_TICKET_SUCCESS_RENEW:
+        if (c != NULL)
+            bump(&c->tickets_renewed);
+        return SSL_TICKET_RETURN_USE_RENEW;
+    case SSL_TICKET_NO_DECRYPT:
+        if (ours && c != NULL)
+            bump(&c->miss_bad_mac);
+        return SSL_TICKET_RETURN_IGNORE_RENEW;
+    case SSL_TICKET_EMPTY:
+        return SSL_TICKET_RETURN_IGNORE_RENEW;
+    case SSL_TICKET_NONE:
+        return SSL_TICKET_RETURN_IGNORE;
+    default: /* SSL_TICKET_FATAL_ERR_*: OpenSSL's own failure */
+        return SSL_TICKET_RETURN_ABORT;
+    }
 }
 
 /*
@@ -823,6 +891,7 @@ done:
 static int gen_cb(SSL *s, void *arg)
 {
     stek_client *c = arg;
+    enc_note = (cb_note){.s = s, .c = c};
     SSL_SESSION *sess = SSL_get0_session(s);
     if (c == NULL || sess == NULL)
         return 1;
@@ -888,7 +957,7 @@ stek_result stek_client_attach(stek_client *c, SSL_CTX *ctx)
         return STEK_RESULT_NO_MEMORY;
     }
     SSL_CTX_set_tlsext_ticket_key_evp_cb(ctx, ticket_cb);
-    SSL_CTX_set_session_ticket_cb(ctx, gen_cb, NULL, c);
+    SSL_CTX_set_session_ticket_cb(ctx, gen_cb, dec_cb, c);
     c->attached[c->n_attached++] = ctx;
     return STEK_RESULT_OK;
 }

@@ -254,7 +254,8 @@ static stek_result make_client(const args *a, stek_client **out)
 
 static uint64_t misses(const stek_counters *k)
 {
-    return k->miss_unknown + k->miss_expired + k->miss_other_generation;
+    return k->miss_unknown + k->miss_expired + k->miss_other_generation + k->miss_other_group +
+           k->miss_bad_mac;
 }
 
 static bool counters_changed(const stek_counters *x, const stek_counters *y)

@@ -299,6 +299,68 @@ static void test_no_key(void **state)
     assert_int_equal(k.generation, 0);
 }
 
+/* A copy of sess whose ticket has byte `at` (from the end) flipped. */
+static SSL_SESSION *tampered(const SSL_SESSION *sess, size_t at)
+{
+    const unsigned char *tick = NULL;
+    size_t tlen = 0;
+    SSL_SESSION_get0_ticket(sess, &tick, &tlen);
+    assert_true(tlen > at);
+    unsigned char *der = NULL;
+    int dlen = i2d_SSL_SESSION((SSL_SESSION *)sess, &der);
+    assert_true(dlen > 0);
+    /* The ticket is stored verbatim (an OCTET STRING) in the encoding. */
+    unsigned char *p = memmem(der, (size_t)dlen, tick, tlen);
+    assert_non_null(p);
+    p[tlen - 1 - at] ^= 0x01;
+    const unsigned char *q = der;
+    SSL_SESSION *out = d2i_SSL_SESSION(NULL, &q, dlen);
+    OPENSSL_free(der);
+    assert_non_null(out);
+    return out;
+}
+
+/* A ticket under a live key of ours whose MAC (its last 32 bytes) or
+ * ciphertext was changed: a full handshake, counted as miss_bad_mac; the
+ * genuine ticket still resumes, counted once as resumed. */
+static void bad_mac(int version)
+{
+    hs_result full = handshake(server_a, version, NULL);
+    assert_true(full.ok);
+    assert_non_null(full.session);
+    for (size_t at = 0; at < 64; at += 31) { /* in the MAC, then in the ciphertext */
+        SSL_SESSION *bad = tampered(full.session, at);
+        stek_counters k0 = counters(client_b);
+        hs_result res = handshake(server_b, version, bad);
+        assert_true(res.ok);
+        assert_false(res.server_reused);
+        stek_counters k1 = counters(client_b);
+        assert_int_equal(k1.miss_bad_mac, k0.miss_bad_mac + 1);
+        assert_int_equal(k1.tickets_resumed + k1.tickets_renewed,
+                         k0.tickets_resumed + k0.tickets_renewed);
+        assert_int_equal(k1.miss_unknown, k0.miss_unknown);
+        SSL_SESSION_free(bad);
+        SSL_SESSION_free(res.session);
+    }
+    stek_counters k0 = counters(client_b);
+    hs_result good = handshake(server_b, version, full.session);
+    assert_true(good.ok);
+    assert_true(good.server_reused);
+    stek_counters k1 = counters(client_b);
+    assert_int_equal(k1.tickets_resumed + k1.tickets_renewed,
+                     k0.tickets_resumed + k0.tickets_renewed + 1);
+    assert_int_equal(k1.miss_bad_mac, k0.miss_bad_mac);
+    SSL_SESSION_free(full.session);
+    SSL_SESSION_free(good.session);
+}
+
+static void test_bad_mac(void **state)
+{
+    (void)state;
+    bad_mac(TLS1_2_VERSION);
+    bad_mac(TLS1_3_VERSION);
+}
+
 static bool rejected_rollback(const stek_counters *k, uint64_t unused)
 {
     (void)unused;
@@ -465,13 +527,10 @@ static void test_options(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_ready_and_attach),
-        cmocka_unit_test(test_cross_host_tls12),
-        cmocka_unit_test(test_cross_host_tls13),
-        cmocka_unit_test(test_across_rotation),
-        cmocka_unit_test(test_no_key),
-        cmocka_unit_test(test_options),
-        cmocka_unit_test(test_persisted_rollback),
+        cmocka_unit_test(test_ready_and_attach), cmocka_unit_test(test_cross_host_tls12),
+        cmocka_unit_test(test_cross_host_tls13), cmocka_unit_test(test_across_rotation),
+        cmocka_unit_test(test_no_key),           cmocka_unit_test(test_bad_mac),
+        cmocka_unit_test(test_options),          cmocka_unit_test(test_persisted_rollback),
         cmocka_unit_test(test_outage),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

@@ -30,6 +30,10 @@ static fx_stekd d;
 static fx_cert cert_a, cert_b;
 static stek_client *client_1, *client_2;
 static SSL_CTX *server_1, *server_2;
+/* A listener whose SNI callback switches b.example connections to their
+ * own context (server_3_b), as virtual-host servers do. Only server_3, the
+ * initial context, has a client attached (client_1). */
+static SSL_CTX *server_3, *server_3_b;
 
 static const fx_stekd_group groups[] = {
     {"site-a", {"uri:spiffe://fleet/web/*", NULL}},
@@ -94,6 +98,18 @@ static SSL_CTX *server_ctx(void)
     return ctx;
 }
 
+/* The SNI callback of server_3: b.example gets its own context. */
+static int switch_ctx(SSL *s, int *alert, void *arg)
+{
+    (void)alert;
+    (void)arg;
+    const char *name = SSL_get_servername(s, TLSEXT_NAMETYPE_host_name);
+    if (name != NULL && OPENSSL_strcasecmp(name, "b.example") == 0 &&
+        SSL_set_SSL_CTX(s, server_3_b) != server_3_b)
+        return SSL_TLSEXT_ERR_ALERT_FATAL;
+    return SSL_TLSEXT_ERR_OK;
+}
+
 static int setup(void **state)
 {
     (void)state;
@@ -109,8 +125,12 @@ static int setup(void **state)
     client_2 = client_for(&cert_b);
     server_1 = server_ctx();
     server_2 = server_ctx();
-    if (client_1 == NULL || client_2 == NULL || server_1 == NULL || server_2 == NULL)
+    server_3 = server_ctx();
+    server_3_b = server_ctx();
+    if (client_1 == NULL || client_2 == NULL || server_1 == NULL || server_2 == NULL ||
+        server_3 == NULL || server_3_b == NULL)
         return -1;
+    SSL_CTX_set_tlsext_servername_callback(server_3, switch_ctx);
     return 0;
 }
 
@@ -121,6 +141,8 @@ static int teardown(void **state)
     stek_client_free(client_2);
     SSL_CTX_free(server_1);
     SSL_CTX_free(server_2);
+    SSL_CTX_free(server_3);
+    SSL_CTX_free(server_3_b);
     fx_stekd_destroy(&d);
     return 0;
 }
@@ -151,6 +173,7 @@ static void test_ready_and_attach(void **state)
     assert_int_equal(stek_client_wait_ready(client_2, 20000), STEK_RESULT_OK);
     assert_int_equal(stek_client_attach(client_1, server_1), STEK_RESULT_OK);
     assert_int_equal(stek_client_attach(client_2, server_2), STEK_RESULT_OK);
+    assert_int_equal(stek_client_attach(client_1, server_3), STEK_RESULT_OK);
     stek_counters k = counters(client_1);
     assert_true(k.ready);
     assert_true(k.stream_up);
@@ -272,6 +295,64 @@ static void test_default_group(void **state)
     SSL_SESSION_free(b.session);
 }
 
+/*
+ * An SNI callback switches b.example to another SSL_CTX that has no client
+ * attached. OpenSSL still runs the initial context's callbacks, and
+ * libstek still issues and resumes b.example's tickets under site-b's keys:
+ * they resume on server_1 (no switching) under b.example, not under
+ * a.example, and a.example tickets do not resume under b.example.
+ */
+static void switched(int version)
+{
+    stek_counters k0 = counters(client_1);
+    hs_result b = handshake(server_3, version, "b.example", NULL);
+    assert_true(b.ok);
+    assert_false(b.client_reused);
+    assert_non_null(b.session);
+    assert_true(SSL_SESSION_has_ticket(b.session));
+    hs_result b_again = handshake(server_3, version, "b.example", b.session);
+    assert_true(b_again.ok);
+    assert_true(b_again.server_reused);
+    hs_result b_there = handshake(server_1, version, "b.example", b.session);
+    assert_true(b_there.ok);
+    assert_true(b_there.server_reused);
+    hs_result b_as_a = handshake(server_1, version, "a.example", b.session);
+    assert_true(b_as_a.ok);
+    assert_false(b_as_a.server_reused);
+
+    hs_result a = handshake(server_3, version, "a.example", NULL);
+    assert_true(a.ok);
+    assert_non_null(a.session);
+    assert_true(SSL_SESSION_has_ticket(a.session));
+    hs_result a_as_b = handshake(server_3, version, "b.example", a.session);
+    assert_true(a_as_b.ok);
+    assert_false(a_as_b.server_reused);
+    hs_result a_again = handshake(server_1, version, "a.example", a.session);
+    assert_true(a_again.ok);
+    assert_true(a_again.server_reused);
+
+    stek_counters k1 = counters(client_1);
+    assert_int_equal(k1.tickets_resumed + k1.tickets_renewed,
+                     k0.tickets_resumed + k0.tickets_renewed + 3);
+    assert_int_equal(k1.miss_other_group, k0.miss_other_group + 2);
+    assert_int_equal(k1.no_key_encrypts, k0.no_key_encrypts);
+    hs_result *all[] = {&b, &b_again, &b_there, &b_as_a, &a, &a_as_b, &a_again};
+    for (size_t i = 0; i < sizeof(all) / sizeof(all[0]); i++)
+        SSL_SESSION_free(all[i]->session);
+}
+
+static void test_switched_context_tls13(void **state)
+{
+    (void)state;
+    switched(TLS1_3_VERSION);
+}
+
+static void test_switched_context_tls12(void **state)
+{
+    (void)state;
+    switched(TLS1_2_VERSION);
+}
+
 static void test_options(void **state)
 {
     (void)state;
@@ -300,9 +381,14 @@ static void test_options(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_ready_and_attach), cmocka_unit_test(test_a_then_b_tls13),
-        cmocka_unit_test(test_b_then_a_tls13),   cmocka_unit_test(test_a_then_b_tls12),
-        cmocka_unit_test(test_b_then_a_tls12),   cmocka_unit_test(test_default_group),
+        cmocka_unit_test(test_ready_and_attach),
+        cmocka_unit_test(test_a_then_b_tls13),
+        cmocka_unit_test(test_b_then_a_tls13),
+        cmocka_unit_test(test_a_then_b_tls12),
+        cmocka_unit_test(test_b_then_a_tls12),
+        cmocka_unit_test(test_default_group),
+        cmocka_unit_test(test_switched_context_tls13),
+        cmocka_unit_test(test_switched_context_tls12),
         cmocka_unit_test(test_options),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

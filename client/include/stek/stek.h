@@ -100,8 +100,8 @@ typedef enum stek_rejection {
 typedef struct stek_counters {
     uint64_t tickets_issued;        /* tickets encrypted (by any key) */
     uint64_t tickets_stale;         /* of which with a key past its encrypt window (outage) */
-    uint64_t tickets_resumed;       /* tickets decrypted with the current key */
-    uint64_t tickets_renewed;       /* decrypted with another live key: OpenSSL renews them */
+    uint64_t tickets_resumed;       /* sessions resumed from a ticket of the current key */
+    uint64_t tickets_renewed;       /* resumed from another live key's ticket: renewed */
     uint64_t miss_unknown;          /* ticket name never installed here */
     uint64_t miss_expired;          /* ticket key past its decrypt deadline */
     uint64_t miss_other_generation; /* ticket key of a generation since replaced */
@@ -117,6 +117,9 @@ typedef struct stek_counters {
     /* Appended (several groups): a ticket of another of our groups, offered
      * under a server name of this group. Not resumed. */
     uint64_t miss_other_group;
+    /* Appended: a ticket under one of our live keys whose MAC failed
+     * (forged or corrupted). Not resumed. */
+    uint64_t miss_bad_mac;
 } stek_counters;
 
 typedef struct stek_options stek_options;
@@ -249,13 +252,15 @@ STEK_API stek_result stek_client_new(const stek_options *o, stek_client **out);
 STEK_API stek_result stek_client_wait_ready(stek_client *c, int timeout_ms);
 
 /*
- * Attaches the client to ctx, which must be the listener's initial SSL_CTX
- * (OpenSSL calls the ticket callback of the initial context even after SNI
- * switched to another one; an application whose SNI callback switches
- * contexts attaches the client to those contexts too). It:
+ * Attaches the client to ctx, which must be the listener's initial SSL_CTX:
+ * the one passed to SSL_new. OpenSSL calls the ticket callbacks of that
+ * context even after an SNI callback switched the connection to another
+ * one (SSL_set_SSL_CTX), so contexts switched to need nothing from
+ * libstek; the group still follows the server name. It:
  *   - installs the ticket key callback (SSL_CTX_set_tlsext_ticket_key_evp_cb)
- *     and a ticket generation callback (SSL_CTX_set_session_ticket_cb, which
- *     the application must then not set itself);
+ *     and the ticket generate and decrypt callbacks
+ *     (SSL_CTX_set_session_ticket_cb, which the application must then not
+ *     set itself);
  *   - caps SSL_CTX_set_timeout at the keys' decrypt lifetime L (when known:
  *     call stek_client_wait_ready first; in any case each ticket's session
  *     timeout is capped at the remaining life of its key);
