@@ -3,6 +3,8 @@
 #   make test            install missing Debian packages (ci/packages.txt),
 #                        configure with -Werror, build, run the whole suite
 #   make test-sanitize   the same under ASan+UBSan, in its own build tree
+#   make test-tsan       the client's threaded tests (CTest label tsan) under
+#                        ThreadSanitizer, in its own build tree
 #   make build           configure and build only
 #   make clean           remove both build trees
 #   make format          clang-format every tracked .c/.h file
@@ -16,6 +18,10 @@
 
 BUILD_DIR          ?= build
 SANITIZE_BUILD_DIR ?= build-asan
+TSAN_BUILD_DIR     ?= build-tsan
+# What the tsan-labelled tests need; the rest of the tree is not built there.
+TSAN_TARGETS       ?= stekd stek_p11shim test_keyring test_libstek test_libstek_threads \
+                      test_libstek_vhosts
 JOBS               ?= $(shell nproc 2>/dev/null || echo 2)
 CTEST_JOBS         ?= 2
 CMAKE_ARGS         ?=
@@ -26,7 +32,7 @@ DEPS  := ci/install-deps.sh
 comma := ,
 
 .DEFAULT_GOAL := test
-.PHONY: test test-sanitize build clean format deps demo
+.PHONY: test test-sanitize test-tsan build clean format deps demo
 
 # configure-and-build(dir, extra cmake args)
 define configure-and-build
@@ -34,10 +40,10 @@ define configure-and-build
 	cmake --build $(1) -j$(JOBS)
 endef
 
-# run-ctest(dir): ctest prints per-test times and a total; this adds wall time.
+# run-ctest(dir[, extra ctest args]): ctest prints per-test times and a total; this adds wall time.
 define run-ctest
 	cd $(1) && t0=$$(date +%s) && rc=0 && \
-	  { ctest --output-on-failure -j$(CTEST_JOBS) $(CTEST_ARGS) || rc=$$?; } && \
+	  { ctest --output-on-failure -j$(CTEST_JOBS) $(CTEST_ARGS) $(2) || rc=$$?; } && \
 	  echo "== ctest in $(1): $$(( $$(date +%s) - t0 ))s, exit $$rc" && exit $$rc
 endef
 
@@ -59,8 +65,13 @@ test-sanitize: deps
 	$(call configure-and-build,$(SANITIZE_BUILD_DIR),-DSTEK_SANITIZE=address$(comma)undefined)
 	$(call run-ctest,$(SANITIZE_BUILD_DIR))
 
+test-tsan: deps
+	cmake -S . -B $(TSAN_BUILD_DIR) -DSTEK_WERROR=ON -DSTEK_SANITIZE=thread $(CMAKE_ARGS)
+	cmake --build $(TSAN_BUILD_DIR) -j$(JOBS) --target $(TSAN_TARGETS)
+	$(call run-ctest,$(TSAN_BUILD_DIR),-L tsan)
+
 clean:
-	rm -rf $(BUILD_DIR) $(SANITIZE_BUILD_DIR) .demo
+	rm -rf $(BUILD_DIR) $(SANITIZE_BUILD_DIR) $(TSAN_BUILD_DIR) .demo
 
 format:
 	@command -v clang-format >/dev/null || { echo "clang-format not found (apt-get install clang-format)" >&2; exit 1; }

@@ -14,6 +14,7 @@
 #include "tls_engine.h"
 
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -31,6 +32,7 @@
 #include "grpc/health/v1/health.pb-c.h"
 #include "log.h"
 #include "secret.h"
+#include "tsan.h"
 #include "stek/v1/stek.pb-c.h"
 
 #define MAX_SANS 16
@@ -111,8 +113,19 @@ struct stekd_rpc {
     pthread_cond_t wcv;
     watcher *watchers;
     bool stopping, shutdown_done;
-    unsigned long n_watchers, sets_sent, heartbeats_sent;
+    unsigned long n_watchers;
+    /* Atomics, not under wmu: they are bumped while a watcher's mu is
+     * held, and wmu is taken before a watcher's mu (snapshot_watchers). */
+    atomic_ulong sets_sent, heartbeats_sent;
 };
+
+/* Every batch starts here: the tag is published to whichever cq thread
+ * gets its event (cq_main acquires it; see tsan.h). */
+static grpc_call_error start_batch(grpc_call *call, const grpc_op *ops, size_t n, void *tag)
+{
+    STEK_TSAN_RELEASE(tag);
+    return grpc_call_start_batch(call, ops, n, tag, NULL);
+}
 
 static int64_t mono_ms(void)
 {
@@ -219,6 +232,7 @@ static void request_next(stekd_rpc *r, kind k)
     grpc_metadata_array_init(&in->md);
     grpc_call_details_init(&in->details);
     grpc_call_error e;
+    STEK_TSAN_RELEASE(in);
     if (k == K_NEW_OTHER) {
         e = grpc_server_request_call(r->server, &in->call, &in->details, &in->md, r->cq, r->cq, in);
     } else {
@@ -272,7 +286,7 @@ static void answer(grpc_call *call, grpc_status_code code, const char *details, 
     ops[n++].data.send_status_from_server.status_details = &u->details;
     ops[n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
     ops[n++].data.recv_close_on_server.cancelled = &u->cancelled;
-    if (grpc_call_start_batch(call, ops, n, u, NULL) != GRPC_CALL_OK) {
+    if (start_batch(call, ops, n, u) != GRPC_CALL_OK) {
         grpc_call_cancel(call, NULL);
         grpc_call_unref(call);
         if (u->resp)
@@ -421,7 +435,7 @@ static bool watcher_send_locked(watcher *w, const uint8_t *msg, size_t len, bool
     ops[n].op = GRPC_OP_SEND_MESSAGE;
     ops[n++].data.send_message.send_message = w->send_bb;
     w->refs++;
-    if (grpc_call_start_batch(w->call, ops, n, &w->send_tag, NULL) != GRPC_CALL_OK) {
+    if (start_batch(w->call, ops, n, &w->send_tag) != GRPC_CALL_OK) {
         w->refs--;
         return false;
     }
@@ -444,7 +458,7 @@ static void watcher_finish_locked(watcher *w, grpc_status_code code, const char 
     op.data.send_status_from_server.status = code;
     op.data.send_status_from_server.status_details = &w->status_details;
     w->refs++;
-    if (grpc_call_start_batch(w->call, &op, 1, &w->status_tag, NULL) != GRPC_CALL_OK)
+    if (start_batch(w->call, &op, 1, &w->status_tag) != GRPC_CALL_OK)
         w->refs--;
 }
 
@@ -503,7 +517,7 @@ static void on_watch(stekd_rpc *r, incoming *in)
     op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
     op.data.recv_close_on_server.cancelled = &w->cancelled;
     w->refs++;
-    if (grpc_call_start_batch(w->call, &op, 1, &w->close_tag, NULL) != GRPC_CALL_OK)
+    if (start_batch(w->call, &op, 1, &w->close_tag) != GRPC_CALL_OK)
         w->refs--;
     watcher_send_locked(w, rep.ks->msg, rep.ks->len, true);
     pthread_mutex_unlock(&w->mu);
@@ -512,8 +526,8 @@ static void on_watch(stekd_rpc *r, incoming *in)
     w->next = r->watchers;
     r->watchers = w;
     r->n_watchers++;
-    r->sets_sent++;
     pthread_mutex_unlock(&r->wmu);
+    atomic_fetch_add(&r->sets_sent, 1);
     stek_log(STEK_LOG_INFO, "stekd", "watch from %s on %s opened", req.identity, req.group);
 done:
     stekd_keyset_unref(rep.ks);
@@ -548,9 +562,7 @@ static void watcher_tick(stekd_rpc *r, watcher *w, int64_t now_ms)
         } else if (!w->sending && !w->closed && !w->finishing &&
                    watcher_send_locked(w, rep.ks->msg, rep.ks->len, false)) {
             w->sent_version = built;
-            pthread_mutex_lock(&r->wmu);
-            r->sets_sent++;
-            pthread_mutex_unlock(&r->wmu);
+            atomic_fetch_add(&r->sets_sent, 1);
         }
         pthread_mutex_unlock(&w->mu);
         stekd_keyset_unref(rep.ks);
@@ -566,11 +578,8 @@ static void watcher_tick(stekd_rpc *r, watcher *w, int64_t now_ms)
     uint8_t buf[64];
     size_t n = stek__v1__key_set__pack(&ks, buf);
     pthread_mutex_lock(&w->mu);
-    if (!w->sending && !w->closed && !w->finishing && watcher_send_locked(w, buf, n, false)) {
-        pthread_mutex_lock(&r->wmu);
-        r->heartbeats_sent++;
-        pthread_mutex_unlock(&r->wmu);
-    }
+    if (!w->sending && !w->closed && !w->finishing && watcher_send_locked(w, buf, n, false))
+        atomic_fetch_add(&r->heartbeats_sent, 1);
     pthread_mutex_unlock(&w->mu);
 }
 
@@ -737,8 +746,10 @@ static void *cq_main(void *arg)
         grpc_event ev = grpc_completion_queue_next(r->cq, gpr_inf_future(GPR_CLOCK_REALTIME), NULL);
         if (ev.type == GRPC_QUEUE_SHUTDOWN)
             return NULL;
-        if (ev.type == GRPC_OP_COMPLETE)
+        if (ev.type == GRPC_OP_COMPLETE) {
+            STEK_TSAN_ACQUIRE(ev.tag);
             dispatch(r, ev.tag, ev.success != 0);
+        }
     }
 }
 
@@ -904,9 +915,9 @@ void stekd_rpc_get_stats(stekd_rpc *r, stekd_rpc_stats *out)
 {
     pthread_mutex_lock(&r->wmu);
     out->watchers = r->n_watchers;
-    out->sets_sent = r->sets_sent;
-    out->heartbeats_sent = r->heartbeats_sent;
     pthread_mutex_unlock(&r->wmu);
+    out->sets_sent = atomic_load(&r->sets_sent);
+    out->heartbeats_sent = atomic_load(&r->heartbeats_sent);
 }
 
 void stekd_rpc_stop(stekd_rpc *r, int grace_ms)
