@@ -11,8 +11,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <errno.h>
+
 #include <openssl/core_names.h>
 #include <openssl/err.h>
+#include <openssl/pem.h>
+#include <openssl/x509v3.h>
 
 #include "reqsig.h"
 #include "stek/v1/stek.pb-c.h"
@@ -164,6 +168,15 @@ static stek_status check_binding(const stek_accept_ctx *c, const Stek__V1__Signe
     if (c->identity != NULL && strcmp(s->host_identity, c->identity) != 0)
         return reject(why, STEK_REJECT_IDENTITY, "set is for '%.96s', want '%.96s'",
                       s->host_identity, c->identity);
+    if (c->identity == NULL && c->n_identities > 0) {
+        bool mine = false;
+        for (size_t i = 0; i < c->n_identities && !mine; i++)
+            mine = strcmp(s->host_identity, c->identities[i]) == 0;
+        if (!mine)
+            return reject(why, STEK_REJECT_IDENTITY,
+                          "set is for '%.96s', not an identity of this certificate",
+                          s->host_identity);
+    }
 
     uint8_t ours[STEK_P256_POINT_BYTES];
     STEK_GUARD(stek_host_eph_public(c->eph, ours));
@@ -472,5 +485,58 @@ done:
         stek__v1__key_set__free_unpacked(ks, NULL);
     if (st == STEK_ERR_VERIFY && *why == STEK_REJECT_NONE)
         *why = STEK_REJECT_MALFORMED; /* a VERIFY from below that no check named */
+    return st;
+}
+
+/* Appends "<type>:<value>" (the value may hold no NUL: a forged SAN). */
+static stek_status add_identity(const char *type, const ASN1_IA5STRING *v, char **out, size_t *n)
+{
+    const int len = ASN1_STRING_length(v);
+    const unsigned char *d = ASN1_STRING_get0_data(v);
+    STEK_ENSURE(len > 0 && memchr(d, '\0', (size_t)len) == NULL, STEK_ERR_CONFIG);
+    STEK_ENSURE(*n < STEK_MAX_CERT_IDENTITIES, STEK_ERR_CONFIG);
+    size_t sz = strlen(type) + (size_t)len + 2;
+    char *id = malloc(sz);
+    STEK_ENSURE(id != NULL, STEK_ERR_NOMEM);
+    snprintf(id, sz, "%s:%.*s", type, len, (const char *)d);
+    out[(*n)++] = id;
+    return STEK_OK;
+}
+
+stek_status stek_cert_identities(const char *cert_pem_path, char *out[STEK_MAX_CERT_IDENTITIES],
+                                 size_t *n)
+{
+    stek_status st = STEK_OK;
+    GENERAL_NAMES *sans = NULL;
+    X509 *x = NULL;
+    *n = 0;
+    FILE *f = fopen(cert_pem_path, "re");
+    if (f == NULL)
+        STEK_BAIL(STEK_ERR_IO, "open %s: %s", cert_pem_path, strerror(errno));
+    x = PEM_read_X509(f, NULL, NULL, NULL);
+    fclose(f);
+    if (x == NULL)
+        STEK_BAIL_GOTO(STEK_ERR_CRYPTO, "%s: not a PEM certificate", cert_pem_path);
+    sans = X509_get_ext_d2i(x, NID_subject_alt_name, NULL, NULL);
+    /* URIs first, then DNS names: the order in which stekd matches. */
+    for (int pass = 0; pass < 2; pass++)
+        for (int i = 0; sans != NULL && i < sk_GENERAL_NAME_num(sans); i++) {
+            const GENERAL_NAME *gn = sk_GENERAL_NAME_value(sans, i);
+            if (pass == 0 && gn->type == GEN_URI)
+                STEK_GUARD_GOTO(add_identity("uri", gn->d.uniformResourceIdentifier, out, n));
+            else if (pass == 1 && gn->type == GEN_DNS)
+                STEK_GUARD_GOTO(add_identity("dns", gn->d.dNSName, out, n));
+        }
+    if (*n == 0)
+        STEK_BAIL_GOTO(STEK_ERR_CONFIG, "%s: no URI or DNS subject alternative name",
+                       cert_pem_path);
+done:
+    if (st != STEK_OK) {
+        for (size_t i = 0; i < *n; i++)
+            free(out[i]);
+        *n = 0;
+    }
+    GENERAL_NAMES_free(sans);
+    X509_free(x);
     return st;
 }

@@ -73,6 +73,14 @@ typedef struct stek_accept_ctx {
      * STEK_REJECT_IDENTITY either way.
      */
     const char *identity;
+    /*
+     * Or, when n_identities > 0 (and identity is NULL): the set's identity
+     * must be one of these, typed the same way. A host passes every URI
+     * and DNS SAN of its certificate: the service picks the first one its
+     * policy allows, which the host cannot know.
+     */
+    const char *const *identities;
+    size_t n_identities;
     const stek_host_eph *eph; /* our ephemeral key: the set must be wrapped to it */
     const uint8_t *nonce;     /* the nonce of our request, 16..64 bytes */
     size_t nonce_len;
@@ -170,6 +178,21 @@ STEK_MUST_USE stek_status stek_accept(const stek_accept_ctx *c, const uint8_t *m
 
 /* Cleanses the key material and frees everything. NULL is a no-op. */
 void stek_accepted_set_free(stek_accepted_set *s);
+
+/* Most identities taken from one certificate. */
+#define STEK_MAX_CERT_IDENTITIES 32
+
+/*
+ * The typed identities of the PEM certificate at cert_pem_path, as the
+ * service names a set's host_identity: "uri:<SAN>" for each URI SAN, then
+ * "dns:<SAN>" for each DNS SAN. Returns STEK_OK with out[0..*n) malloc'd
+ * (free each); STEK_ERR_IO (unreadable), STEK_ERR_CRYPTO (not a PEM
+ * certificate), STEK_ERR_CONFIG (no URI or DNS SAN, or more than
+ * STEK_MAX_CERT_IDENTITIES), STEK_ERR_NOMEM. On error nothing is left
+ * allocated.
+ */
+STEK_MUST_USE stek_status stek_cert_identities(const char *cert_pem_path,
+                                               char *out[STEK_MAX_CERT_IDENTITIES], size_t *n);
 
 /* Entry i (i < s->n_keys): STEK_ACCEPT_ENTRY_BYTES bytes, name | hmac | aes. */
 const uint8_t *stek_accepted_entry(const stek_accepted_set *s, size_t i);

@@ -33,8 +33,11 @@
 #include <strings.h>
 
 #include "accept.h"
+#include "atomic_file.h"
+#include "cache.h"
 #include "keyring.h"
 #include "log.h"
+#include "p11engine.h"
 #include "transport.h"
 #include "stek/v1/stek.pb-c.h"
 
@@ -68,6 +71,7 @@ static stek_result result_of(stek_status st)
     case STEK_ERR_NOMEM:
         return STEK_RESULT_NO_MEMORY;
     case STEK_ERR_IO:
+    case STEK_ERR_NOT_FOUND: /* a key missing from its token */
         return STEK_RESULT_IO;
     case STEK_ERR_CONFIG:
         return STEK_RESULT_CONFIG;
@@ -112,6 +116,7 @@ struct stek_options {
     size_t n_map;
     bool early_data;
     bool keep_sid_ctx;
+    char *cache_path, *sealing_key; /* both or neither */
 };
 
 stek_result stek_options_new(stek_options **out)
@@ -142,6 +147,8 @@ void stek_options_free(stek_options *o)
     }
     free(o->server_name);
     free(o->state_dir);
+    free(o->cache_path);
+    free(o->sealing_key);
     free(o);
 }
 
@@ -252,6 +259,23 @@ stek_result stek_options_set_state_dir(stek_options *o, const char *dir)
     return o == NULL ? STEK_RESULT_INVALID_ARGUMENT : set_str(&o->state_dir, dir, true);
 }
 
+stek_result stek_options_set_cache(stek_options *o, const char *cache_path, const char *sealing_key)
+{
+    if (o == NULL || (cache_path == NULL) != (sealing_key == NULL))
+        return STEK_RESULT_INVALID_ARGUMENT;
+    char *path = NULL;
+    stek_result r = set_str(&path, cache_path, true);
+    if (r == STEK_RESULT_OK)
+        r = set_str(&o->sealing_key, sealing_key, true);
+    if (r != STEK_RESULT_OK) {
+        free(path);
+        return r;
+    }
+    free(o->cache_path);
+    o->cache_path = path;
+    return STEK_RESULT_OK;
+}
+
 stek_result stek_options_allow_early_data(stek_options *o, bool allow)
 {
     if (o == NULL)
@@ -294,6 +318,7 @@ typedef struct stek_group_state {
     bool thread_started;
     atomic_bool stream_up;
     atomic_uint_fast64_t lifetime_s; /* L of the newest accepted set; 0 = none */
+    stek_sched cache_sched;          /* sched as the cache records it: under the client's cmu */
 } stek_group_state;
 
 /* Server name -> group, immutable after new: read by the callbacks. */
@@ -321,10 +346,20 @@ struct stek_client {
     EVP_PKEY *service_pubs[STEK_MAX_SERVICE_KEYS];
     size_t n_service_pubs;
     EVP_PKEY *cert_key;
+    /* The certificate's typed SANs: a set must name one of them. */
+    char *identities[STEK_MAX_CERT_IDENTITIES];
+    size_t n_identities;
 
     /* Attached contexts, each with one reference (detached at free). */
     SSL_CTX *attached[MAX_ATTACHED];
     size_t n_attached;
+
+    /* The sealed cache (cache_path NULL: off). Only the public half of the
+     * sealing key is kept: writing never touches a token. */
+    char *cache_path;
+    EVP_PKEY *sealing_pub;
+    uint8_t host_id[STEK_CACHE_HOST_ID_BYTES];
+    pthread_mutex_t cmu; /* one cache writer at a time; taken before wmu */
 
     pthread_mutex_t wmu; /* one keyring writer at a time */
     pthread_mutex_t mu;
@@ -339,6 +374,7 @@ struct stek_client {
     atomic_uint_fast64_t sets_accepted, sets_rejected, sets_rejected_by[STEK_REJECT_COUNT];
     atomic_uint_fast64_t current_epoch, generation;
     atomic_int_fast64_t last_fetch_unix;
+    atomic_uint_fast64_t cache_loaded, cache_rejected, cache_write_errors;
 };
 
 static void bump(atomic_uint_fast64_t *c)
@@ -376,45 +412,12 @@ done:
     return st;
 }
 
-/* Written to a temporary file in the same directory, synced, renamed over. */
+/* Replaced atomically (atomic_file.h): a crash leaves the old mark or the new. */
 static stek_status hwm_write(const char *path, uint64_t v)
 {
-    stek_status st = STEK_OK;
-    char tmp[4200], buf[32];
-    int n = snprintf(tmp, sizeof(tmp), "%s.XXXXXX", path);
-    STEK_ENSURE(n > 0 && (size_t)n < sizeof(tmp), STEK_ERR_INVALID_ARG);
-    int fd = mkostemp(tmp, O_CLOEXEC); /* mode 0600 */
-    if (fd < 0)
-        STEK_BAIL(STEK_ERR_IO, "mkstemp %s: %s", tmp, strerror(errno));
+    char buf[32];
     int len = snprintf(buf, sizeof(buf), "%llu\n", (unsigned long long)v);
-    if (fchmod(fd, 0600) != 0 || write(fd, buf, (size_t)len) != len || fsync(fd) != 0)
-        STEK_BAIL_GOTO(STEK_ERR_IO, "write %s: %s", tmp, strerror(errno));
-    if (close(fd) != 0) {
-        fd = -1;
-        STEK_BAIL_GOTO(STEK_ERR_IO, "close %s: %s", tmp, strerror(errno));
-    }
-    fd = -1;
-    if (rename(tmp, path) != 0)
-        STEK_BAIL_GOTO(STEK_ERR_IO, "rename %s: %s", path, strerror(errno));
-    tmp[0] = '\0';
-    /* The rename itself must survive a crash: sync the directory. */
-    char dir[4200];
-    snprintf(dir, sizeof(dir), "%s", path);
-    char *slash = strrchr(dir, '/');
-    if (slash != NULL) {
-        *slash = '\0';
-        int dfd = open(dir[0] != '\0' ? dir : "/", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-        if (dfd >= 0) {
-            (void)fsync(dfd);
-            close(dfd);
-        }
-    }
-done:
-    if (fd >= 0)
-        close(fd);
-    if (tmp[0] != '\0' && st != STEK_OK)
-        unlink(tmp);
-    return st;
+    return stek_file_replace(path, buf, (size_t)len);
 }
 
 /* ---- creation -------------------------------------------------------------------- */
@@ -433,8 +436,17 @@ static stek_status read_pem_key(const char *path, bool private_key, EVP_PKEY **o
     return STEK_OK;
 }
 
+/* A PEM private key file, or a pkcs11: URI of a key in a token. */
+static stek_status load_private_key(const char *spec, EVP_PKEY **out)
+{
+    if (stek_p11engine_is_uri(spec))
+        return stek_p11engine_load_private_key(spec, out);
+    return read_pem_key(spec, true, out);
+}
+
 static void *run(void *arg);
 static void stop_threads(stek_client *c);
+static void cache_load(stek_client *c, EVP_PKEY *sealing_priv);
 
 static long group_of(const stek_client *c, const char *name)
 {
@@ -442,6 +454,33 @@ static long group_of(const stek_client *c, const char *name)
         if (strcmp(c->groups[i].name, name) == 0)
             return (long)i;
     return -1;
+}
+
+/*
+ * The sealed cache: the host identity it is bound to, the public half of
+ * the sealing key, and the file's keys installed if it passes. The private
+ * half is used for that one load and freed.
+ */
+static stek_status cache_init(stek_client *c, const stek_options *o)
+{
+    stek_status st = STEK_OK;
+    EVP_PKEY *priv = NULL;
+    c->cache_path = strdup(o->cache_path);
+    STEK_ENSURE(c->cache_path != NULL, STEK_ERR_NOMEM);
+    STEK_GUARD(stek_cache_host_id(o->cert, c->host_id));
+    STEK_GUARD(load_private_key(o->sealing_key, &priv));
+    st = stek_cache_sealing_public(priv, &c->sealing_pub);
+    if (st == STEK_ERR_INVALID_ARG) { /* a key of another kind: not usable */
+        char why[256];
+        snprintf(why, sizeof(why), "%s", stek_error_detail());
+        STEK_BAIL_GOTO(STEK_ERR_CRYPTO, "%s", why);
+    }
+    if (st != STEK_OK)
+        goto done;
+    cache_load(c, priv);
+done:
+    EVP_PKEY_free(priv);
+    return st;
 }
 
 static stek_status client_init(stek_client *c, const stek_options *o)
@@ -480,7 +519,8 @@ static stek_status client_init(stek_client *c, const stek_options *o)
         STEK_GUARD(read_pem_key(o->service_keys[i], false, &c->service_pubs[i]));
         c->n_service_pubs++;
     }
-    STEK_GUARD(read_pem_key(o->key, true, &c->cert_key));
+    STEK_GUARD(load_private_key(o->key, &c->cert_key));
+    STEK_GUARD(stek_cert_identities(o->cert, c->identities, &c->n_identities));
     c->aes = EVP_CIPHER_fetch(NULL, "AES-256-CBC", NULL);
     STEK_ENSURE(c->aes != NULL, STEK_ERR_CRYPTO);
     for (size_t i = 0; o->state_dir != NULL && i < c->n_groups; i++) {
@@ -506,6 +546,8 @@ static stek_status client_init(stek_client *c, const stek_options *o)
         c->n_transports++;
     }
     STEK_GUARD(stek_keyring_new(&c->ring));
+    if (o->cache_path != NULL)
+        STEK_GUARD(cache_init(c, o));
     return STEK_OK;
 }
 
@@ -525,6 +567,10 @@ static void client_destroy(stek_client *c)
     for (size_t i = 0; i < c->n_service_pubs; i++)
         EVP_PKEY_free(c->service_pubs[i]);
     EVP_PKEY_free(c->cert_key);
+    for (size_t i = 0; i < c->n_identities; i++)
+        free(c->identities[i]);
+    EVP_PKEY_free(c->sealing_pub);
+    free(c->cache_path);
     EVP_CIPHER_free(c->aes);
     for (size_t i = 0; i < c->n_groups; i++) {
         stek_group_state *g = &c->groups[i];
@@ -537,6 +583,7 @@ static void client_destroy(stek_client *c)
     pthread_cond_destroy(&c->cv);
     pthread_mutex_destroy(&c->mu);
     pthread_mutex_destroy(&c->wmu);
+    pthread_mutex_destroy(&c->cmu);
     free(c);
 }
 
@@ -555,6 +602,7 @@ stek_result stek_client_new(const stek_options *o, stek_client **out)
     pthread_condattr_destroy(&ca);
     pthread_mutex_init(&c->mu, NULL);
     pthread_mutex_init(&c->wmu, NULL);
+    pthread_mutex_init(&c->cmu, NULL);
     stek_status st = client_init(c, o);
     if (st != STEK_OK) {
         stek_log(STEK_LOG_ERROR, COMPONENT, "client: %s: %s", stek_status_name(st),
@@ -650,6 +698,9 @@ stek_result stek_client_get_counters(const stek_client *cc, stek_counters *out)
     for (size_t i = 0; i < c->n_groups; i++)
         out->stream_up = out->stream_up && atomic_load(&c->groups[i].stream_up);
     out->ready = atomic_load(&c->ready);
+    out->cache_loaded = atomic_load(&c->cache_loaded);
+    out->cache_rejected = atomic_load(&c->cache_rejected);
+    out->cache_write_errors = atomic_load(&c->cache_write_errors);
     return STEK_RESULT_OK;
 }
 
@@ -988,6 +1039,44 @@ static void update_ready(stek_client *c)
     set_ready(c, ready);
 }
 
+/* ---- the sealed cache ---------------------------------------------------------------- */
+
+/*
+ * Rewrites the cache file from the published snapshot. Under cmu from the
+ * snapshot to the rename, so files are written in snapshot order. A
+ * failure is logged and counted: serving goes on, and the next accepted
+ * set tries again. With no key left, the file is removed.
+ */
+static void cache_save(stek_client *c)
+{
+    if (c->cache_path == NULL)
+        return;
+    stek_cache_contents *cc = NULL;
+    pthread_mutex_lock(&c->cmu);
+    pthread_mutex_lock(&c->wmu);
+    stek_status st = stek_cache_from_ring(stek_keyring_peek(c->ring), stek_boottime_ns(),
+                                          stek_walltime_ns(), c->host_id, &cc);
+    pthread_mutex_unlock(&c->wmu);
+    if (st == STEK_OK && cc->n_keys == 0) {
+        if (unlink(c->cache_path) != 0 && errno != ENOENT)
+            st = stek_error_set(STEK_ERR_IO, "unlink %s: %s", c->cache_path, strerror(errno));
+    } else if (st == STEK_OK) {
+        for (size_t i = 0; i < cc->n_groups; i++) {
+            long g = group_of(c, cc->groups[i].name);
+            if (g >= 0)
+                cc->groups[i].sched = c->groups[g].cache_sched;
+        }
+        st = stek_cache_write(c->cache_path, c->sealing_pub, cc);
+    }
+    pthread_mutex_unlock(&c->cmu);
+    stek_cache_contents_free(cc);
+    if (st != STEK_OK) {
+        bump(&c->cache_write_errors);
+        stek_log(STEK_LOG_ERROR, COMPONENT, "cache %s not written: %s: %s", c->cache_path,
+                 stek_status_name(st), stek_error_detail());
+    }
+}
+
 /* Republishes without the keys past their decrypt deadline, if any. */
 static void drop_expired(stek_client *c)
 {
@@ -997,17 +1086,23 @@ static void drop_expired(stek_client *c)
     bool any = false;
     for (size_t i = 0; r != NULL && i < r->n_keys && !any; i++)
         any = r->keys[i].dec_until <= now;
+    bool published = false;
     if (any) {
         stek_ring *next = NULL;
         stek_status st = stek_ring_build(r, NULL, now, &next);
-        if (st == STEK_OK)
+        if (st == STEK_OK) {
             stek_keyring_publish(c->ring, next);
-        else
+            published = true;
+        } else {
             stek_log(STEK_LOG_ERROR, COMPONENT, "republish: %s: %s", stek_status_name(st),
                      stek_error_detail());
+        }
     }
     update_ready(c);
     pthread_mutex_unlock(&c->wmu);
+    /* A key past its window leaves the cache file too, service or not. */
+    if (published)
+        cache_save(c);
 }
 
 /* Sleeps up to ms, waking for stop, and drops expired keys every second. */
@@ -1100,23 +1195,29 @@ done:
     return st;
 }
 
+/* Raises the group's high-water marks to a generation and epoch installed. */
+static void raise_hwm(stek_group_state *g, uint64_t generation, uint64_t current_epoch)
+{
+    if (generation > g->generation_hwm) {
+        if (g->hwm_path != NULL) {
+            stek_status st = hwm_write(g->hwm_path, generation);
+            if (st != STEK_OK)
+                stek_log(STEK_LOG_ERROR, COMPONENT, "high-water mark not saved: %s",
+                         stek_error_detail());
+        }
+        g->generation_hwm = generation;
+        g->current_epoch_hwm = 0;
+    }
+    if (current_epoch > g->current_epoch_hwm)
+        g->current_epoch_hwm = current_epoch;
+}
+
 static void on_accepted(stek_group_state *g, const stek_accepted_set *set)
 {
     stek_client *const c = g->c;
     if (!g->sched_pinned)
         pin_schedule(g, set);
-    if (set->generation > g->generation_hwm) {
-        if (g->hwm_path != NULL) {
-            stek_status st = hwm_write(g->hwm_path, set->generation);
-            if (st != STEK_OK)
-                stek_log(STEK_LOG_ERROR, COMPONENT, "high-water mark not saved: %s",
-                         stek_error_detail());
-        }
-        g->generation_hwm = set->generation;
-        g->current_epoch_hwm = 0;
-    }
-    if (set->current_epoch > g->current_epoch_hwm)
-        g->current_epoch_hwm = set->current_epoch;
+    raise_hwm(g, set->generation, set->current_epoch);
     stek_status st = install(c, set);
     if (st != STEK_OK) {
         stek_log(STEK_LOG_ERROR, COMPONENT, "install: %s: %s", stek_status_name(st),
@@ -1135,10 +1236,115 @@ static void on_accepted(stek_group_state *g, const stek_accepted_set *set)
     stek_log(STEK_LOG_DEBUG, COMPONENT, "group %s: generation %llu, epoch %llu, %zu keys",
              set->group, (unsigned long long)set->generation,
              (unsigned long long)set->current_epoch, set->n_keys);
+    if (c->cache_path != NULL) {
+        pthread_mutex_lock(&c->cmu);
+        g->cache_sched = g->sched_pinned ? g->sched : (stek_sched){0};
+        pthread_mutex_unlock(&c->cmu);
+        /* Before ready: once ready, a restart resumes from the file. */
+        cache_save(c);
+    }
     /* Ready last: whoever waited for it sees the counters above. */
     pthread_mutex_lock(&c->wmu);
     update_ready(c);
     pthread_mutex_unlock(&c->wmu);
+}
+
+/*
+ * Installs the live keys of a loaded cache, group by group, as an accepted
+ * set would be (new has not started the threads yet). The schedule is not
+ * pinned from the file: the first set fetched pins it, as after any start.
+ */
+static stek_status cache_install(stek_client *c, const stek_cache_contents *cc)
+{
+    stek_status st = STEK_OK;
+    stek_ring_key *keys = calloc(cc->n_keys, sizeof(*keys));
+    STEK_ENSURE(keys != NULL, STEK_ERR_NOMEM);
+    for (size_t i = 0; i < cc->n_groups; i++) {
+        const stek_cache_group *cg = &cc->groups[i];
+        long gi = group_of(c, cg->name);
+        if (gi < 0 || cg->count == 0)
+            continue;
+        stek_group_state *g = &c->groups[gi];
+        const int64_t boot = stek_boottime_ns();
+        STEK_GUARD_GOTO(stek_cache_deadlines(cc, i, boot, stek_walltime_ns(), keys));
+        stek_ring_input in = {
+            .group = cg->name,
+            .generation = cg->generation,
+            .current_epoch = cg->current_epoch,
+            .n_keys = cg->count,
+            .keys = keys,
+            .entries = stek_secret_cdata(cc->material) + cg->first * STEK_RING_ENTRY_BYTES,
+        };
+        stek_ring *next = NULL;
+        pthread_mutex_lock(&c->wmu);
+        st = stek_ring_build(stek_keyring_peek(c->ring), &in, boot, &next);
+        if (st == STEK_OK)
+            stek_keyring_publish(c->ring, next);
+        pthread_mutex_unlock(&c->wmu);
+        if (st != STEK_OK)
+            goto done;
+        raise_hwm(g, cg->generation, cg->current_epoch);
+        g->cache_sched = cg->sched; /* kept in the next rewrite until a set pins one */
+        const stek_cache_key *newest = &cc->keys[cg->first + cg->count - 1];
+        uint64_t l =
+            cg->sched.lifetime_s > 0
+                ? cg->sched.lifetime_s
+                : (uint64_t)((newest->decrypt_until - newest->encrypt_until) / 1000000000LL);
+        atomic_store(&g->lifetime_s, l);
+        if (g->index == 0) {
+            atomic_store(&c->current_epoch, cg->current_epoch);
+            atomic_store(&c->generation, cg->generation);
+        }
+    }
+    atomic_store(&c->last_fetch_unix, cc->written_at / 1000000000LL);
+    pthread_mutex_lock(&c->wmu);
+    update_ready(c);
+    pthread_mutex_unlock(&c->wmu);
+done:
+    stek_cleanse(keys, cc->n_keys * sizeof(*keys));
+    free(keys);
+    return st;
+}
+
+/* Loads the cache file at new. A file that fails is logged and counted, never fatal. */
+static void cache_load(stek_client *c, EVP_PKEY *sealing_priv)
+{
+    const char *names[STEK_MAX_GROUPS];
+    uint64_t hwm[STEK_MAX_GROUPS];
+    for (size_t i = 0; i < c->n_groups; i++) {
+        names[i] = c->groups[i].name;
+        hwm[i] = c->groups[i].generation_hwm;
+    }
+    stek_cache_expect x = {
+        .host_id = c->host_id,
+        .wall_now = stek_walltime_ns(),
+        .n_groups = c->n_groups,
+        .groups = names,
+        .generation_hwm = hwm,
+    };
+    stek_cache_contents *cc = NULL;
+    stek_cache_reject why = STEK_CACHE_OK;
+    stek_status st = stek_cache_read(c->cache_path, sealing_priv, &x, &cc, &why);
+    if (st == STEK_ERR_NOT_FOUND) {
+        stek_log(STEK_LOG_INFO, COMPONENT, "cache %s: no file yet", c->cache_path);
+        return;
+    }
+    if (st == STEK_OK)
+        st = cache_install(c, cc);
+    if (st != STEK_OK) {
+        bump(&c->cache_rejected);
+        stek_log(STEK_LOG_WARN, COMPONENT, "cache %s rejected: %s: %s", c->cache_path,
+                 why != STEK_CACHE_OK ? stek_cache_reject_name(why) : stek_status_name(st),
+                 stek_error_detail());
+    } else {
+        bump(&c->cache_loaded);
+        stek_log(STEK_LOG_INFO, COMPONENT,
+                 "cache %s loaded: %zu live keys of %zu groups, "
+                 "written %lld s ago",
+                 c->cache_path, cc->n_keys, cc->n_groups,
+                 (long long)((x.wall_now - cc->written_at) / 1000000000LL));
+    }
+    stek_cache_contents_free(cc);
 }
 
 static void on_heartbeat(stek_group_state *c, const uint8_t *msg, size_t len)
@@ -1161,7 +1367,9 @@ static bool handle(stek_group_state *g, const uint8_t *msg, size_t len)
     stek_accept_ctx ac = {
         .service_pubs = c->service_pubs,
         .n_service_pubs = c->n_service_pubs,
-        .identity = NULL, /* whichever SAN the policy matched; eph and nonce bind it to us */
+        /* stekd names the first SAN its policy allows: any of ours. */
+        .identities = (const char *const *)c->identities,
+        .n_identities = c->n_identities,
         .eph = g->eph,
         .nonce = g->nonce,
         .nonce_len = sizeof(g->nonce),

@@ -14,6 +14,7 @@
  * one reference from open to close. The application may use gRPC itself.
  */
 #include "transport.h"
+#include "p11engine.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -195,7 +196,7 @@ struct stek_transport {
 stek_status stek_transport_open(const stek_transport_opts *o, stek_transport **out)
 {
     stek_status st = STEK_OK;
-    char *ca = NULL, *cert = NULL;
+    char *ca = NULL, *cert = NULL, *engine_key = NULL;
     stek_secret *key = NULL;
     stek_transport *t = NULL;
     bool inited = false;
@@ -210,14 +211,20 @@ stek_status stek_transport_open(const stek_transport_opts *o, stek_transport **o
 
     STEK_GUARD_GOTO(read_pem(o->ca_pem_path, &ca, NULL));
     STEK_GUARD_GOTO(read_pem(o->cert_pem_path, &cert, NULL));
-    STEK_GUARD_GOTO(read_pem(o->key_pem_path, NULL, &key));
+    /* A key in a token goes to gRPC as an engine key string, which gRPC
+     * loads itself (p11engine.h says why through a loader engine). */
+    if (stek_p11engine_is_uri(o->key_pem_path))
+        STEK_GUARD_GOTO(stek_p11engine_grpc_key(o->key_pem_path, &engine_key));
+    else
+        STEK_GUARD_GOTO(read_pem(o->key_pem_path, NULL, &key));
     t = calloc(1, sizeof(*t));
     STEK_ENSURE_GOTO(t != NULL, STEK_ERR_NOMEM);
 
     grpc_init();
     inited = true;
-    grpc_ssl_pem_key_cert_pair pair = {.private_key = (const char *)stek_secret_cdata(key),
-                                       .cert_chain = cert};
+    grpc_ssl_pem_key_cert_pair pair = {
+        .private_key = engine_key != NULL ? engine_key : (const char *)stek_secret_cdata(key),
+        .cert_chain = cert};
     /* Copies the PEM strings: ours are released right after. */
     t->creds = grpc_ssl_credentials_create_ex(ca, &pair, NULL, NULL);
     if (t->creds == NULL)
@@ -271,6 +278,10 @@ done:
     free(ca);
     free(cert);
     stek_secret_free(key);
+    if (engine_key != NULL) {
+        stek_cleanse(engine_key, strlen(engine_key)); /* the URI may hold a pin-value */
+        free(engine_key);
+    }
     return st;
 }
 

@@ -47,10 +47,12 @@
 typedef struct stek_transport_opts {
     const char *target;      /* one replica, "host:port" (gRPC target syntax) */
     const char *ca_pem_path; /* the CA that issued stekd's certificate */
-    /* The host's mTLS identity: certificate chain and its private key, both
-     * PEM files. The key is read into locked memory and handed to gRPC,
-     * which keeps its own copy for the channel's lifetime. A key in a token
-     * (pkcs11: URI through libp11) is a later addition. */
+    /* The host's mTLS identity: certificate chain (PEM file) and its
+     * private key, a PEM file or a pkcs11: URI. A PEM key is read into
+     * locked memory and handed to gRPC, which keeps its own copy for the
+     * channel's lifetime. A pkcs11: key is handed to gRPC as an engine key
+     * string (stek_p11engine_grpc_key), which gRPC loads through libp11 when
+     * it connects; the key never leaves the token. */
     const char *cert_pem_path;
     const char *key_pem_path;
     /* Optional: the name checked against stekd's certificate instead of the

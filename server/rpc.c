@@ -11,7 +11,7 @@
  * sends only when its previous send completed.
  */
 #include "rpc.h"
-#include "tls_engine.h"
+#include "p11engine.h"
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -869,7 +869,7 @@ stek_status stekd_rpc_start(const stekd_handler *h, unsigned threads, stekd_rpc 
     r->port = grpc_server_add_http2_port(r->server, h->cfg->listen, creds);
     grpc_server_credentials_release(creds);
     if (strncmp(h->cfg->tls_key, "pkcs11:", 7) == 0)
-        stekd_tls_engine_withdraw_defaults();
+        stek_p11engine_withdraw_defaults();
     if (r->port == 0) {
         st = stek_error_set(STEK_ERR_IO, "cannot listen on %s", h->cfg->listen);
         /* gRPC asserts that a server is shut down before it is destroyed. */

@@ -23,6 +23,7 @@
 #include <openssl/rand.h>
 
 #include "accept.h"
+#include "fx.h"
 #include "stek/v1/stek.pb-c.h"
 
 #define GROUP "edge"
@@ -593,6 +594,62 @@ static void test_reject_identity(void **state)
     stek_accept_ctx c = valid_ctx();
     c.identity = NULL;
     expect_reject_ctx(&sp, &c, STEK_REJECT_IDENTITY);
+
+    /* A list (every SAN of the host's certificate): one of them, or rejected. */
+    const char *mine[] = {"uri:spiffe://fleet/edge/x", IDENTITY, "dns:a.example"};
+    c = valid_ctx();
+    c.identity = NULL;
+    c.identities = mine;
+    c.n_identities = 3;
+    sp = valid_spec();
+    stek_accepted_set *set = NULL;
+    stek_reject why = STEK_REJECT_NONE;
+    uint8_t *msg = NULL;
+    size_t len = 0;
+    bool hb = true;
+    build(&sp, NULL, &msg, &len);
+    assert_int_equal(stek_accept(&c, msg, len, &set, &why, &hb), STEK_OK);
+    assert_non_null(set);
+    assert_string_equal(set->identity, IDENTITY);
+    stek_accepted_set_free(set);
+    free(msg);
+    sp.identity = "uri:spiffe://fleet/edge/b";
+    expect_reject_ctx(&sp, &c, STEK_REJECT_IDENTITY);
+    sp.identity = "dns:spiffe://fleet/edge/x"; /* same text, other type */
+    expect_reject_ctx(&sp, &c, STEK_REJECT_IDENTITY);
+}
+
+/* The certificate's SANs, typed as stekd names identities: URIs first. */
+static void test_cert_identities(void **state)
+{
+    (void)state;
+    char dir[FX_PATH_MAX];
+    assert_int_equal(fx_tmpdir("accept", dir, sizeof(dir)), 0);
+    fx_ca ca;
+    assert_int_equal(fx_ca_create(&ca, dir), 0);
+    const char *uris[] = {"spiffe://fleet/edge/a", "spiffe://fleet/edge/alias", NULL};
+    const char *dns[] = {"a.example", NULL};
+    fx_cert_opts o = {.name = "both", .uri_sans = uris, .dns_sans = dns};
+    fx_cert both, none;
+    assert_int_equal(fx_cert_issue(&ca, &o, &both), 0);
+    fx_cert_opts on = {.name = "none"};
+    assert_int_equal(fx_cert_issue(&ca, &on, &none), 0);
+
+    char *ids[STEK_MAX_CERT_IDENTITIES];
+    size_t n = 99;
+    assert_int_equal(stek_cert_identities(both.cert_path, ids, &n), STEK_OK);
+    assert_int_equal(n, 3);
+    assert_string_equal(ids[0], "uri:spiffe://fleet/edge/a");
+    assert_string_equal(ids[1], "uri:spiffe://fleet/edge/alias");
+    assert_string_equal(ids[2], "dns:a.example");
+    for (size_t i = 0; i < n; i++)
+        free(ids[i]);
+    /* No URI or DNS SAN: not a host certificate stekd would serve. */
+    assert_int_equal(stek_cert_identities(none.cert_path, ids, &n), STEK_ERR_CONFIG);
+    assert_int_equal(n, 0);
+    assert_int_equal(stek_cert_identities(both.key_path, ids, &n), STEK_ERR_CRYPTO);
+    assert_int_equal(stek_cert_identities("/nonexistent/cert.pem", ids, &n), STEK_ERR_IO);
+    assert_int_equal(fx_rmtree(dir), 0);
 }
 
 static void test_reject_eph_key(void **state)
@@ -1010,6 +1067,7 @@ int main(void)
         cmocka_unit_test(test_signature_before_unwrap),
         cmocka_unit_test(test_reject_context),
         cmocka_unit_test(test_reject_identity),
+        cmocka_unit_test(test_cert_identities),
         cmocka_unit_test(test_reject_eph_key),
         cmocka_unit_test(test_reject_nonce),
         cmocka_unit_test(test_reject_group),

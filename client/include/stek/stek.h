@@ -120,6 +120,13 @@ typedef struct stek_counters {
     /* Appended: a ticket under one of our live keys whose MAC failed
      * (forged or corrupted). Not resumed. */
     uint64_t miss_bad_mac;
+    /* Appended (sealed cache, stek_options_set_cache): whether the cache file
+     * was loaded at stek_client_new (0 or 1), rejected there (0 or 1; the
+     * reason is logged), and how many rewrites failed (logged; serving
+     * goes on). */
+    uint64_t cache_loaded;
+    uint64_t cache_rejected;
+    uint64_t cache_write_errors;
 } stek_counters;
 
 typedef struct stek_options stek_options;
@@ -150,9 +157,16 @@ STEK_API stek_result stek_options_add_server(stek_options *o, const char *addres
 STEK_API stek_result stek_options_set_ca(stek_options *o, const char *ca_pem_path);
 
 /*
- * The host's client certificate (PEM chain) and its private key (PEM
- * file), used for mutual TLS and to sign key-set requests. Required. The
- * key is EC P-256/P-384 or RSA 2048..8192.
+ * The host's client certificate (PEM chain) and its private key, used for
+ * mutual TLS and to sign key-set requests. Required. The key is EC
+ * P-256/P-384 or RSA 2048..8192, and key_pem_path is either a PEM file or
+ * a pkcs11: URI (RFC 7512) naming the key in a token, e.g.
+ * "pkcs11:token=host;object=tls;type=private?pin-source=file:/etc/stek/pin".
+ * A token key is reached through OpenSSL's pkcs11 engine (package
+ * libengine-pkcs11-openssl), which finds the module through p11-kit; the
+ * PIN comes from the URI only (pin-source or pin-value). Its operations run
+ * in the token; stek_client_new fails with IO when the key cannot be found
+ * or the token refuses the PIN.
  */
 STEK_API stek_result stek_options_set_cert(stek_options *o, const char *cert_pem_path,
                                            const char *key_pem_path);
@@ -214,6 +228,39 @@ STEK_API stek_result stek_options_set_server_name(stek_options *o, const char *n
 STEK_API stek_result stek_options_set_state_dir(stek_options *o, const char *dir);
 
 /*
+ * Optional, off by default: the sealed cache. After every key set it
+ * accepts, the client writes its installed keys, sealed, to cache_path
+ * (atomically: a temporary file in the same directory, mode 0600, synced,
+ * renamed over, directory synced). A client created while every service
+ * replica is down then loads them from there and is ready at once, so
+ * tickets issued before a restart still resume; sets fetched later
+ * supersede them. Without this option nothing about keys is written
+ * anywhere.
+ *
+ * sealing_key is a PEM private key file or a pkcs11: URI of a private key
+ * in a token (as for stek_options_set_cert): EC P-256, or RSA of at least
+ * 2048 bits. Writing uses only its public half (ephemeral ECDH + HKDF-SHA256,
+ * or a random data key wrapped with RSA-OAEP-SHA256; AES-256-GCM), so the
+ * token is used only to unseal, once, in stek_client_new. A sealing key
+ * file on the same disk as the cache lets whoever reads the disk unseal
+ * it: prefer a key in a token, or a key file on tmpfs.
+ *
+ * At stek_client_new a missing file is normal. A file that is corrupt or
+ * truncated, sealed under another key or tampered with, made for another
+ * host certificate, below a group's high-water mark (stek_options_set_state_dir)
+ * or whose keys are all past their decrypt deadline is rejected: logged
+ * with its reason, counted (cache_rejected), and not used; the client
+ * starts anyway. Keys past their deadline are never installed.
+ *
+ * Both NULL disables the cache. Returns OK; INVALID_ARGUMENT when only one
+ * is NULL, or for an empty or over-long string; NO_MEMORY. The key is read
+ * by stek_client_new (IO when it cannot be read, CRYPTO when it is not a
+ * usable key).
+ */
+STEK_API stek_result stek_options_set_cache(stek_options *o, const char *cache_path,
+                                            const char *sealing_key);
+
+/*
  * Allows TLS 1.3 early data (0-RTT) on attached contexts. Default false:
  * stek_client_attach sets max_early_data to 0, because a ClientHello with
  * early data is replayable on every server sharing the keys (RFC 8446 §8).
@@ -238,9 +285,13 @@ STEK_API stek_result stek_options_keep_session_id_context(stek_options *o, bool 
  * state directory's high-water marks, and starts its background threads
  * (one per group), which fetch and watch the groups' keys. Returns at once
  * (no network wait); see stek_client_wait_ready.
+ * With the sealed cache set (stek_options_set_cache), it also loads the
+ * cache file, if any, and installs its keys that are still live (no
+ * network either): the client may then be ready on return.
  * Returns OK and *out (stek_client_free); CONFIG when a required option is
  * missing or a server name is mapped to a group not added; IO when a file cannot be read, or the
  * high-water mark file is corrupt; CRYPTO when a key is unusable; NO_MEMORY.
+ * A rejected cache file is not an error (see stek_options_set_cache).
  */
 STEK_API stek_result stek_client_new(const stek_options *o, stek_client **out);
 
