@@ -56,6 +56,10 @@ struct stek_p11 {
 
     atomic_ulong login_calls;
     atomic_ulong reconnects;
+
+    /* Timing of every P11_CALL (stek_p11_set_call_observer); NULL: none. */
+    _Atomic(stek_p11_call_observer) observer;
+    void *observer_arg;
 };
 
 /* A checked-out session. Holds the module read lock until p11_sess_put. */
@@ -76,8 +80,20 @@ STEK_MUST_USE stek_status p11_rv(stek_p11 *p11, const char *call, CK_RV rv);
 /* The constant name of a CK_RV ("CKR_PIN_INCORRECT"), or "CKR_0x..." */
 const char *p11_rv_name(CK_RV rv);
 
-/* Every C_* call goes through this: p11_rv(p11, "C_X", p11->fl->C_X(args)). */
-#define P11_CALL(p11, fn, ...) p11_rv((p11), #fn, (p11)->fl->fn(__VA_ARGS__))
+/*
+ * Every C_* call goes through this: p11_rv(p11, "C_X", p11->fl->C_X(args)),
+ * timed for the handle's call observer. The comma operator sequences the
+ * start time before the call; p11_call_end runs after it returns.
+ */
+#define P11_CALL(p11, fn, ...)                                                                     \
+    (p11_call_begin(p11), p11_call_end((p11), #fn, (p11)->fl->fn(__VA_ARGS__)))
+
+/* Notes this thread's start time of the C_* call about to run, when p11
+ * has an observer (P11_CALL only). */
+void p11_call_begin(stek_p11 *p11);
+
+/* Reports the call's duration to the observer, then returns p11_rv(p11, call, rv). */
+STEK_MUST_USE stek_status p11_call_end(stek_p11 *p11, const char *call, CK_RV rv);
 
 /*
  * Checks out a logged-in session, reconnecting first if the token was lost.

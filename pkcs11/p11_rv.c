@@ -3,6 +3,7 @@
  * leaves pkcs11/. Messages carry CKR_ names, never bare numbers.
  */
 #include <stdio.h>
+#include <time.h>
 
 #include "log.h"
 #include "p11_internal.h"
@@ -156,4 +157,41 @@ stek_status p11_rv(stek_p11 *p11, const char *call, CK_RV rv)
     if (p11 != NULL && rv_means_lost(rv))
         atomic_store(&p11->lost, true);
     return stek_error_set(rv_status(rv), "%s: %s", call, p11_rv_name(rv));
+}
+
+/* ---- call timing -------------------------------------------------------- */
+
+/* Per thread: a C_* call never runs inside another one on the same thread. */
+static _Thread_local uint64_t call_t0_ns;
+
+static uint64_t mono_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+void p11_call_begin(stek_p11 *p11)
+{
+    /* Without an observer, a call costs no clock reads. */
+    if (p11 != NULL && atomic_load_explicit(&p11->observer, memory_order_relaxed) != NULL)
+        call_t0_ns = mono_ns();
+}
+
+stek_status p11_call_end(stek_p11 *p11, const char *call, CK_RV rv)
+{
+    stek_p11_call_observer fn = p11 != NULL ? atomic_load(&p11->observer) : NULL;
+    if (fn != NULL) {
+        uint64_t now = mono_ns();
+        fn(p11->observer_arg, call, now > call_t0_ns ? now - call_t0_ns : 0, rv == CKR_OK);
+    }
+    return p11_rv(p11, call, rv);
+}
+
+void stek_p11_set_call_observer(stek_p11 *p11, stek_p11_call_observer fn, void *arg)
+{
+    if (p11 == NULL)
+        return;
+    p11->observer_arg = arg;
+    atomic_store(&p11->observer, fn);
 }

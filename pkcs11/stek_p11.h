@@ -320,4 +320,20 @@ typedef struct stek_p11_stats {
 
 void stek_p11_get_stats(stek_p11 *p11, stek_p11_stats *out);
 
+/*
+ * An observer of the layer's C_* calls, for latency metrics: the function's
+ * name ("C_WrapKey", a string constant), how long it took in nanoseconds
+ * (CLOCK_MONOTONIC), and whether it returned CKR_OK. It runs on the calling
+ * thread right after each call, so it must be quick, must not block, and
+ * must not call into the layer. Nothing else of the call reaches it.
+ */
+typedef void (*stek_p11_call_observer)(void *arg, const char *call, uint64_t ns, bool ok);
+
+/*
+ * Installs fn (NULL removes it). Set it before the handle is shared between
+ * threads: arg is not synchronized. Calls made by stek_p11_open itself are
+ * not observed.
+ */
+void stek_p11_set_call_observer(stek_p11 *p11, stek_p11_call_observer fn, void *arg);
+
 #endif

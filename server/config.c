@@ -403,13 +403,14 @@ static stek_status load_groups(const loader *ld, const config_setting_t *root, s
     return STEK_OK;
 }
 
-static const char *const top_names[] = {"listen", "tls",    "hsm", "schedule",
-                                        "limits", "groups", NULL};
+static const char *const top_names[] = {"listen", "tls",     "hsm",       "schedule", "limits",
+                                        "groups", "metrics", "audit_log", NULL};
 static const char *const tls_names[] = {"cert", "key", "client_ca", NULL};
 static const char *const hsm_names[] = {"module", "token", "pin_env", "so_pin_env", NULL};
 static const char *const schedule_names[] = {"max_jump", "heartbeat", "jitter", NULL};
 static const char *const limits_names[] = {"max_request_bytes", "wrap_cache_entries",
                                            "max_watchers", NULL};
+static const char *const metrics_names[] = {"listen", NULL};
 
 static stek_status load_hsm(const loader *ld, const config_setting_t *root, stekd_config *cfg)
 {
@@ -457,6 +458,20 @@ static stek_status load_tuning(const loader *ld, const config_setting_t *root, s
     return STEK_OK;
 }
 
+/* Operations: the optional /metrics address and audit log path. */
+static stek_status load_ops(const loader *ld, const config_setting_t *root, stekd_config *cfg)
+{
+    const config_setting_t *met;
+    STEK_GUARD(get_section(ld, root, "metrics", false, &met));
+    if (met != NULL) {
+        STEK_GUARD(check_names(ld, met, "metrics.", metrics_names));
+        STEK_GUARD(get_string(ld, met, "metrics.", "listen", true, &cfg->metrics_listen));
+    }
+    if (config_setting_get_member(root, "audit_log") != NULL)
+        STEK_GUARD(get_path(ld, root, "", "audit_log", false, &cfg->audit_log));
+    return STEK_OK;
+}
+
 static stek_status load_root(const loader *ld, const config_setting_t *root, stekd_config *cfg)
 {
     STEK_GUARD(refuse_pins(ld, root));
@@ -472,6 +487,7 @@ static stek_status load_root(const loader *ld, const config_setting_t *root, ste
 
     STEK_GUARD(load_hsm(ld, root, cfg));
     STEK_GUARD(load_tuning(ld, root, cfg));
+    STEK_GUARD(load_ops(ld, root, cfg));
     return load_groups(ld, root, cfg);
 }
 
@@ -570,6 +586,8 @@ void stekd_config_free(stekd_config *cfg)
     free(cfg->hsm_token);
     free(cfg->pin_env);
     free(cfg->so_pin_env);
+    free(cfg->metrics_listen);
+    free(cfg->audit_log);
     free(cfg);
 }
 

@@ -10,6 +10,8 @@
  *   schedule = { max_jump = 2; heartbeat = "30s"; jitter = "2s"; };
  *   limits = { max_request_bytes = 4096; wrap_cache_entries = 10000;
  *              max_watchers = 10000; };
+ *   metrics = { listen = "127.0.0.1:9464"; };   # optional: Prometheus /metrics
+ *   audit_log = "/var/log/stek/audit.log";      # optional: one line per set served
  *   groups = (
  *     { name = "edge"; epoch = "1h"; decrypt_lifetime = "18h";
  *       origin = 0;   # Unix seconds, or an RFC 3339 UTC string
@@ -58,6 +60,8 @@ typedef struct stekd_config {
     size_t max_request_bytes;  /* default 4096 */
     size_t wrap_cache_entries; /* default 10000 */
     size_t max_watchers;       /* default 10000 */
+    char *metrics_listen;      /* host:port of the plain-HTTP /metrics; NULL: off */
+    char *audit_log;           /* absolute path of the audit log; NULL: off */
     stekd_group_cfg *groups;
     size_t n_groups;
 } stekd_config;

@@ -16,6 +16,7 @@
 #include <stdlib.h>
 
 #include "log.h"
+#include "metrics.h"
 #include "policy.h"
 #include "stek/v1/stek.pb-c.h"
 
@@ -105,8 +106,18 @@ static grpc_status_code validate(const stekd_handler *h, const stekd_peer *peer,
     if (stek_reqsig_verify(X509_get0_pubkey(cert), m->group, m->eph_pub.data, m->eph_pub.len,
                            m->nonce.data, m->nonce.len, m->signature.data,
                            m->signature.len) != STEK_OK) {
+        stekd_metrics_count(h->metrics, STEKD_M_SIGNATURES_REJECTED);
         code = refuse(GRPC_STATUS_UNAUTHENTICATED, details, details_len,
                       "request signature does not verify against the client certificate");
+        goto done;
+    }
+    /* The fingerprint audit lines name the host by; kept with the request,
+     * so validated-request cache hits carry it too. */
+    unsigned int fp_len = 0;
+    if (X509_digest(cert, EVP_sha256(), req->cert_sha256, &fp_len) != 1 ||
+        fp_len != STEKD_CERT_SHA256_BYTES) {
+        code = refuse(GRPC_STATUS_INTERNAL, details, details_len,
+                      "cannot fingerprint the client certificate");
         goto done;
     }
     snprintf(req->group, sizeof(req->group), "%s", m->group);
@@ -240,6 +251,11 @@ void stekd_handle_keyset(const stekd_handler *h, const stekd_request *req, stekd
     stek_status st = stekd_cache_get(h->cache, h->p11, v, &r, stekd_now(), &out->ks);
     if (st == STEK_OK) {
         out->code = GRPC_STATUS_OK;
+        /* The cache key includes the view version: the set holds exactly v's keys. */
+        out->generation = v->generation;
+        out->epoch_first = v->keys[0].epoch;
+        out->epoch_last = v->keys[v->n_keys - 1].epoch;
+        out->epoch_current = v->epoch;
         if (version)
             *version = v->version;
     } else {

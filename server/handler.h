@@ -38,13 +38,17 @@ typedef struct stekd_peer {
 } stekd_peer;
 
 typedef struct stekd_vcache stekd_vcache;
+typedef struct stekd_metrics stekd_metrics; /* metrics.h */
+typedef struct stekd_audit stekd_audit;     /* audit.h */
 
 typedef struct stekd_handler {
     const stekd_config *cfg;
     stek_p11 *p11;
     stekd_state *state;
     stekd_cache *cache;
-    stekd_vcache *vcache; /* validated requests; NULL disables */
+    stekd_vcache *vcache;   /* validated requests; NULL disables */
+    stekd_metrics *metrics; /* NULL: no metrics */
+    stekd_audit *audit;     /* NULL: no audit log */
 } stekd_handler;
 
 /*
@@ -62,18 +66,24 @@ STEK_MUST_USE stek_status stekd_vcache_new(size_t entries, stekd_vcache **out);
 void stekd_vcache_free(stekd_vcache *v);
 
 /* A validated request, kept by a watch stream to build later sets. */
+#define STEKD_CERT_SHA256_BYTES 32
+
 typedef struct stekd_request {
     char group[STEK_GROUP_MAX_BYTES + 1];
     char identity[STEKD_IDENTITY_MAX];
     uint8_t eph_pub[STEK_P256_POINT_BYTES];
     uint8_t nonce[STEK_NONCE_MAX_BYTES];
     size_t nonce_len;
+    uint8_t cert_sha256[STEKD_CERT_SHA256_BYTES]; /* of the client certificate's DER, for audit */
 } stekd_request;
 
 typedef struct stekd_reply {
     grpc_status_code code;
     char details[256]; /* for the status; never a secret */
     stekd_keyset *ks;  /* on GRPC_STATUS_OK: the set to send (a reference) */
+    /* On GRPC_STATUS_OK, what the set holds (for the audit log). */
+    uint32_t generation;
+    uint64_t epoch_first, epoch_last, epoch_current;
 } stekd_reply;
 
 /*

@@ -25,12 +25,15 @@
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
 #include <grpc/slice.h>
+#include <grpc/support/alloc.h>
 #include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/rand.h>
 
+#include "audit.h"
 #include "grpc/health/v1/health.pb-c.h"
 #include "log.h"
+#include "metrics.h"
 #include "secret.h"
 #include "tsan.h"
 #include "stek/v1/stek.pb-c.h"
@@ -90,6 +93,8 @@ struct watcher {
     grpc_slice status_details;
     int cancelled;
     bool sending, closed, finishing;
+    grpc_status_code finish_code; /* what watcher_finish_locked sent */
+    char peer[96];                /* the host's address, for audit lines */
     uint64_t sent_version;
     int64_t due_ms;  /* send the new view at or after this (jitter) */
     int64_t last_ms; /* last message sent */
@@ -312,6 +317,32 @@ static void log_refusal(const char *method, const peer_buf *pb, grpc_status_code
     stek_log(STEK_LOG_INFO, "stekd", "%s from %s: status %d: %s", method, who, (int)code, details);
 }
 
+/* The call's peer address ("ipv4:10.0.0.7:51234"), for audit lines. */
+static void peer_address(grpc_call *call, char *out, size_t len)
+{
+    char *p = grpc_call_get_peer(call);
+    snprintf(out, len, "%s", p != NULL ? p : "");
+    gpr_free(p);
+}
+
+_Static_assert(STEKD_CERT_SHA256_BYTES == STEKD_AUDIT_FP_BYTES, "audit fingerprint size");
+
+/* One audit line for a set about to go out (h->audit NULL: no-op). */
+static void audit_set(const stekd_rpc *r, const char *event, const stekd_request *req,
+                      const stekd_reply *rep, const char *peer)
+{
+    stekd_audit_set a = {event,
+                         req->identity,
+                         peer,
+                         req->cert_sha256,
+                         req->group,
+                         rep->generation,
+                         rep->epoch_first,
+                         rep->epoch_last,
+                         rep->epoch_current};
+    stekd_audit_keyset(r->h->audit, &a);
+}
+
 /* ---- GetKeySet and Health ----------------------------------------------- */
 
 static void on_get(stekd_rpc *r, incoming *in)
@@ -333,12 +364,20 @@ static void on_get(stekd_rpc *r, incoming *in)
     } else {
         stekd_reply rep;
         stekd_handle_keyset(r->h, &req, &rep, NULL);
-        if (rep.code == GRPC_STATUS_OK)
+        code = rep.code;
+        if (rep.code == GRPC_STATUS_OK) {
+            if (r->h->audit != NULL) {
+                char peer[96];
+                peer_address(in->call, peer, sizeof(peer));
+                audit_set(r, "get", &req, &rep, peer);
+            }
             answer(in->call, GRPC_STATUS_OK, "", rep.ks->msg, rep.ks->len);
-        else
+        } else {
             answer(in->call, rep.code, rep.details, NULL, 0);
+        }
         stekd_keyset_unref(rep.ks);
     }
+    stekd_metrics_fetch_done(r->h->metrics, code);
     free(bytes);
     peer_free(&pb);
     in->call = NULL;
@@ -357,7 +396,7 @@ static void on_health(stekd_rpc *r, incoming *in)
         answer(in->call, GRPC_STATUS_NOT_FOUND, "unknown service", NULL, 0);
     } else {
         Grpc__Health__V1__HealthCheckResponse resp = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
-        resp.status = stekd_state_all_available(r->h->state)
+        resp.status = stekd_state_serving(r->h->state, stekd_now(), NULL, 0)
                           ? GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__SERVING
                           : GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__SERVING_STATUS__NOT_SERVING;
         uint8_t out[16];
@@ -450,6 +489,7 @@ static void watcher_finish_locked(watcher *w, grpc_status_code code, const char 
     if (w->finishing || w->closed)
         return;
     w->finishing = true;
+    w->finish_code = code;
     grpc_slice_unref(w->status_details);
     w->status_details = grpc_slice_from_copied_string(details);
     grpc_op op;
@@ -492,6 +532,7 @@ static void on_watch(stekd_rpc *r, incoming *in)
     if (code != GRPC_STATUS_OK) {
         log_refusal("WatchKeySet", &pb, code, details);
         answer(in->call, code, details, NULL, 0);
+        stekd_metrics_watch_done(r->h->metrics, code);
         goto done;
     }
 
@@ -510,6 +551,10 @@ static void on_watch(stekd_rpc *r, incoming *in)
     w->status_tag = (wtag){K_WATCH_STATUS, w};
     w->status_details = grpc_empty_slice();
     w->sent_version = version;
+    if (r->h->audit != NULL) {
+        peer_address(w->call, w->peer, sizeof(w->peer));
+        audit_set(r, "watch_open", &req, &rep, w->peer);
+    }
 
     pthread_mutex_lock(&w->mu);
     grpc_op op;
@@ -554,6 +599,7 @@ static void watcher_tick(stekd_rpc *r, watcher *w, int64_t now_ms)
         stekd_reply rep;
         uint64_t built = 0;
         stekd_handle_keyset(h, &w->req, &rep, &built);
+        bool sent = false;
         pthread_mutex_lock(&w->mu);
         if (rep.code != GRPC_STATUS_OK) {
             /* End the stream: the host fails over to another replica and
@@ -563,8 +609,12 @@ static void watcher_tick(stekd_rpc *r, watcher *w, int64_t now_ms)
                    watcher_send_locked(w, rep.ks->msg, rep.ks->len, false)) {
             w->sent_version = built;
             atomic_fetch_add(&r->sets_sent, 1);
+            sent = true;
         }
         pthread_mutex_unlock(&w->mu);
+        /* Outside the lock; req and peer are fixed since the stream opened. */
+        if (sent)
+            audit_set(r, "watch_update", &w->req, &rep, w->peer);
         stekd_keyset_unref(rep.ks);
         return;
     }
@@ -723,10 +773,14 @@ static void dispatch(stekd_rpc *r, void *tag, bool ok)
         watcher *w = ((wtag *)tag)->w;
         pthread_mutex_lock(&w->mu);
         w->closed = true;
+        /* A stream stekd did not end was ended by the host (or its deadline). */
+        grpc_status_code final = w->finishing ? w->finish_code : GRPC_STATUS_CANCELLED;
         pthread_mutex_unlock(&w->mu);
-        if (k == K_WATCH_CLOSED)
+        if (k == K_WATCH_CLOSED) {
+            stekd_metrics_watch_done(r->h->metrics, final);
             stek_log(STEK_LOG_INFO, "stekd", "watch from %s on %s closed", w->req.identity,
                      w->req.group);
+        }
         watcher_unref(w);
         return;
     }

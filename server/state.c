@@ -21,6 +21,9 @@ typedef struct group_slot {
     size_t n_names;
     stekd_key *names;
     bool alarmed; /* the refused-jump alarm was logged for this situation */
+    /* For metrics, read by other threads: alarms raised, and refusing now. */
+    atomic_ulong jumps_refused;
+    atomic_bool refusing;
 } group_slot;
 
 struct stekd_state {
@@ -142,6 +145,42 @@ bool stekd_state_all_available(stekd_state *st)
         all = all && st->groups[i].view->available;
     pthread_mutex_unlock(&st->mu);
     return all;
+}
+
+bool stekd_state_serving(stekd_state *st, int64_t now, char *why, size_t why_len)
+{
+    bool serving = true;
+    pthread_mutex_lock(&st->mu);
+    for (size_t i = 0; serving && i < st->n_groups; i++) {
+        const stekd_view *v = st->groups[i].view;
+        uint64_t due = 0;
+        if (!v->available) {
+            serving = false;
+            if (why != NULL)
+                snprintf(why, why_len, "%s", v->why);
+        } else if (stek_sched_epoch_at(&v->cfg->sched, now - STEKD_BEHIND_GRACE_S, &due) ==
+                       STEK_OK &&
+                   v->epoch < due) {
+            serving = false;
+            if (why != NULL)
+                snprintf(why, why_len, "group %s: the schedule is behind (epoch %llu, due %llu)",
+                         v->cfg->name, (unsigned long long)v->epoch, (unsigned long long)due);
+        }
+    }
+    pthread_mutex_unlock(&st->mu);
+    return serving;
+}
+
+bool stekd_state_group_stats(stekd_state *st, const char *group, stekd_group_stats *out)
+{
+    for (size_t i = 0; i < st->n_groups; i++) {
+        if (strcmp(st->groups[i].cfg->name, group) == 0) {
+            out->jumps_refused = atomic_load(&st->groups[i].jumps_refused);
+            out->refusing = atomic_load(&st->groups[i].refusing);
+            return true;
+        }
+    }
+    return false;
 }
 
 /* True when the published view already says exactly this. */
@@ -307,9 +346,12 @@ static int64_t refresh_group(stekd_state *st, group_slot *g, int64_t now)
                      "refusing to advance %llu epochs past the newest chain key (max_jump %u); "
                      "check this replica's clock, then run stekctl advance",
                      (unsigned long long)(target - newest), st->cfg->max_jump);
-            if (!g->alarmed)
+            if (!g->alarmed) {
                 stek_log(STEK_LOG_ERROR, "stekd", "ALARM group %s: %s", cfg->name, why);
+                atomic_fetch_add(&g->jumps_refused, 1);
+            }
             g->alarmed = true;
+            atomic_store(&g->refusing, true);
             publish_unavailable(st, g, "%s", why);
             return next;
         }
@@ -320,6 +362,7 @@ static int64_t refresh_group(stekd_state *st, group_slot *g, int64_t now)
         }
     }
     g->alarmed = false;
+    atomic_store(&g->refusing, false);
 
     uint64_t first, last;
     stek_sched_window(s, e, gen_first, &first, &last);

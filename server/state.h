@@ -68,8 +68,31 @@ int64_t stekd_state_refresh(stekd_state *st, int64_t now);
  * or NULL when the group is not configured. Thread-safe. */
 stekd_view *stekd_state_view(stekd_state *st, const char *group);
 
-/* True when every group's view is available (for the health service). */
+/* True when every group's view is available. */
 bool stekd_state_all_available(stekd_state *st);
+
+/*
+ * Seconds a group's view may trail the clock's epoch before the schedule
+ * counts as behind: the scheduler refreshes a few ms past each boundary and
+ * at least every second, so only a stuck refresh (a hung HSM call) exceeds it.
+ */
+#define STEKD_BEHIND_GRACE_S 2
+
+/*
+ * The health service's answer: true when every group's view is available
+ * (the HSM answered its last refresh, the schedule was not refused) and no
+ * view's epoch trails the epoch at now - STEKD_BEHIND_GRACE_S. Otherwise
+ * false, with the first reason in why (if not NULL; never a secret).
+ */
+bool stekd_state_serving(stekd_state *st, int64_t now, char *why, size_t why_len);
+
+typedef struct stekd_group_stats {
+    unsigned long jumps_refused; /* times a refresh started refusing a jump (alarms raised) */
+    bool refusing;               /* the last refresh refused one */
+} stekd_group_stats;
+
+/* Counters of `group`; false when it is not configured. Thread-safe, lock-free. */
+bool stekd_state_group_stats(stekd_state *st, const char *group, stekd_group_stats *out);
 
 void stekd_view_unref(stekd_view *v);
 

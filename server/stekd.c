@@ -5,8 +5,9 @@
  *
  * The PIN comes from --pin-file or the environment variable named in the
  * config (hsm.pin_env, default STEK_PIN), never from argv or the config.
- * Exit codes: 0 after SIGTERM/SIGINT, 2 usage or configuration, 3 HSM,
- * 4 TLS or listening address.
+ * Exit codes: 0 after SIGTERM/SIGINT, 2 usage or configuration (the audit
+ * log too), 3 HSM, 4 TLS or a listening address (gRPC or metrics).
+ * SIGHUP reopens the audit log.
  */
 #include <getopt.h>
 #include <pthread.h>
@@ -16,9 +17,13 @@
 #include <string.h>
 #include <time.h>
 
+#include "audit.h"
 #include "config.h"
 #include "keyset.h"
 #include "log.h"
+#include "metrics.h"
+#include "metrics_http.h"
+#include "notify.h"
 #include "rpc.h"
 #include "state.h"
 
@@ -29,6 +34,7 @@ typedef struct scheduler {
     pthread_mutex_t mu;
     pthread_cond_t cv;
     bool stop;
+    bool watchdog; /* systemd expects WATCHDOG=1: sent after every refresh */
 } scheduler;
 
 /*
@@ -44,6 +50,9 @@ static void *scheduler_main(void *arg)
         pthread_mutex_unlock(&s->mu);
         int64_t now = stekd_now();
         int64_t next = stekd_state_refresh(s->state, now);
+        /* A refresh stuck in the HSM stops the pings: systemd restarts stekd. */
+        if (s->watchdog)
+            stekd_notify_watchdog();
         /* stekd_now() may carry a test offset; wait on the real clock. */
         int64_t offset = stekd_now() - (int64_t)time(NULL);
         struct timespec real, until;
@@ -133,6 +142,7 @@ int main(int argc, char **argv)
     sigemptyset(&sigs);
     sigaddset(&sigs, SIGTERM);
     sigaddset(&sigs, SIGINT);
+    sigaddset(&sigs, SIGHUP);
     pthread_sigmask(SIG_BLOCK, &sigs, NULL);
 
     int rc = 0;
@@ -141,10 +151,25 @@ int main(int argc, char **argv)
     stekd_cache *cache = NULL;
     stekd_vcache *vcache = NULL;
     stekd_rpc *rpc = NULL;
+    stekd_audit *audit = NULL;
+    stekd_metrics *metrics = NULL;
+    stekd_metrics_http *mhttp = NULL;
     scheduler sched = {0};
     pthread_t sched_thread;
     bool sched_started = false;
     char *pem = NULL;
+
+    /* Before the HSM: an unwritable audit log is a configuration error. */
+    if (cfg->audit_log != NULL && stekd_audit_open(cfg->audit_log, &audit) != STEK_OK) {
+        stek_log(STEK_LOG_ERROR, "stekd", "configuration: %s", stek_error_detail());
+        rc = EXIT_USAGE;
+        goto done;
+    }
+    if (cfg->metrics_listen != NULL && stekd_metrics_new(&metrics) != STEK_OK) {
+        stek_log(STEK_LOG_ERROR, "stekd", "start-up: %s", stek_error_detail());
+        rc = EXIT_USAGE;
+        goto done;
+    }
 
     stek_p11_config pc = {
         .module_path = cfg->hsm_module,
@@ -158,6 +183,9 @@ int main(int argc, char **argv)
         rc = EXIT_HSM;
         goto done;
     }
+    /* HSM call latencies, before any other thread uses the handle. */
+    if (metrics != NULL)
+        stek_p11_set_call_observer(p11, stekd_metrics_hsm_call, metrics);
     if (stek_p11_signing_pubkey_pem(p11, &pem) != STEK_OK) {
         stek_log(STEK_LOG_ERROR, "stekd", "HSM: no service signing key (run stekctl init): %s",
                  stek_error_detail());
@@ -187,12 +215,29 @@ int main(int argc, char **argv)
         rc = EXIT_HSM;
         goto done;
     }
-    stekd_handler h = {cfg, p11, state, cache, vcache};
+    stekd_handler h = {cfg, p11, state, cache, vcache, metrics, audit};
     if (stekd_rpc_start(&h, threads, &rpc) != STEK_OK) {
         stek_log(STEK_LOG_ERROR, "stekd", "listen: %s", stek_error_detail());
         rc = EXIT_NET;
         goto done;
     }
+    stekd_metrics_sources sources = {&h, rpc, (int64_t)time(NULL)};
+    if (metrics != NULL) {
+        if (stekd_metrics_add_collector(metrics, stekd_metrics_collect_service, &sources) !=
+                STEK_OK ||
+            stekd_metrics_http_start(cfg->metrics_listen, metrics, &mhttp) != STEK_OK) {
+            stek_log(STEK_LOG_ERROR, "stekd", "metrics listen: %s", stek_error_detail());
+            rc = EXIT_NET;
+            goto done;
+        }
+        stek_log(STEK_LOG_INFO, "stekd", "metrics listening on %s (port %d), path /metrics",
+                 cfg->metrics_listen, stekd_metrics_http_port(mhttp));
+    }
+    unsigned long watchdog_ms = 0;
+    sched.watchdog = stekd_notify_watchdog_enabled(&watchdog_ms);
+    if (sched.watchdog && watchdog_ms < 2000)
+        stek_log(STEK_LOG_WARN, "stekd", "WatchdogSec=%lu ms: stekd pings about once a second",
+                 watchdog_ms);
     sched.state = state;
     pthread_mutex_init(&sched.mu, NULL);
     pthread_cond_init(&sched.cv, NULL);
@@ -201,12 +246,31 @@ int main(int argc, char **argv)
              stekd_rpc_port(rpc), cfg->n_groups);
     if (port_file != NULL && write_port_file(port_file, stekd_rpc_port(rpc)) != 0)
         stek_log(STEK_LOG_WARN, "stekd", "cannot write port file %s", port_file);
+    if (cfg->audit_log != NULL)
+        stek_log(STEK_LOG_INFO, "stekd", "audit log %s", cfg->audit_log);
+    char status[128];
+    snprintf(status, sizeof(status), "serving %zu group(s) on port %d", cfg->n_groups,
+             stekd_rpc_port(rpc));
+    stekd_notify_ready(status);
 
     int sig = 0;
-    sigwait(&sigs, &sig);
+    for (;;) {
+        sigwait(&sigs, &sig);
+        if (sig != SIGHUP)
+            break;
+        /* logrotate moved the file: continue in a new one at the same path. */
+        if (audit != NULL && stekd_audit_reopen(audit) != STEK_OK)
+            stek_log(STEK_LOG_ERROR, "stekd", "SIGHUP: %s; still writing the old file",
+                     stek_error_detail());
+        else if (audit != NULL)
+            stek_log(STEK_LOG_INFO, "stekd", "SIGHUP: audit log reopened");
+    }
+    stekd_notify_stopping();
     stek_log(STEK_LOG_INFO, "stekd", "signal %d: finishing in-flight calls", sig);
 
 done:
+    /* Scrapes read everything below: they stop first. */
+    stekd_metrics_http_stop(mhttp);
     if (sched_started) {
         pthread_mutex_lock(&sched.mu);
         sched.stop = true;
@@ -222,6 +286,8 @@ done:
     stekd_state_free(state);
     free(pem);
     stek_p11_close(p11);
+    stekd_metrics_free(metrics); /* after the HSM handle that reports to it */
+    stekd_audit_close(audit);
     stekd_config_free(cfg);
     if (rc == 0)
         stek_log(STEK_LOG_INFO, "stekd", "stopped");
