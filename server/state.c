@@ -13,6 +13,10 @@
 
 #include "log.h"
 
+/* Epochs per ratchet call when a fresh generation catches up (as stekctl
+ * advance does): each call costs the square of its length. */
+#define RATCHET_SLICE 16
+
 typedef struct group_slot {
     const stekd_group_cfg *cfg;
     stekd_view *view; /* guarded by stekd_state.mu */
@@ -302,6 +306,25 @@ static bool oldest_ticket(stekd_state *st, const char *group, uint32_t n, uint64
     return found;
 }
 
+/*
+ * Whether this token holds no ticket key of generation n yet: a generation
+ * that `stekctl group add`, `rekey` or `import-chain` has just made, whose
+ * chain key still sits at the epoch it was made or exported at.
+ */
+static stek_status generation_fresh(stekd_state *st, const char *group, uint32_t n, bool *fresh)
+{
+    stek_p11_object_info *o = NULL;
+    size_t count = 0;
+    STEK_GUARD(stek_p11_list(st->p11, &o, &count));
+    *fresh = true;
+    for (size_t i = 0; i < count && *fresh; i++)
+        if (o[i].kind == STEK_P11_KIND_TICKET && o[i].generation == n &&
+            strcmp(o[i].group, group) == 0)
+            *fresh = false;
+    free(o);
+    return STEK_OK;
+}
+
 /* One group's refresh. Returns the Unix time of its next rotation. */
 static int64_t refresh_group(stekd_state *st, group_slot *g, int64_t now)
 {
@@ -340,7 +363,25 @@ static int64_t refresh_group(stekd_state *st, group_slot *g, int64_t now)
     /* K(e+1), the next key, must exist: the chain must reach e+2. */
     uint64_t target = e + 2;
     if (target > newest) {
-        if (target - newest > st->cfg->max_jump) {
+        /*
+         * max_jump guards keys hosts may be using: a clock run ahead must
+         * not ratchet them away. A generation with no ticket key in this
+         * token has none in use here (just made by stekctl, or seeded into
+         * this replica), so it advances to the schedule however far that
+         * is: otherwise an epoch boundary between a rekey and the next
+         * refresh would leave the group refused.
+         */
+        bool fresh = false;
+        if (target - newest > st->cfg->max_jump &&
+            generation_fresh(st, cfg->name, n, &fresh) != STEK_OK) {
+            publish_unavailable(st, g, "%s", stek_error_detail());
+            return next;
+        }
+        if (fresh)
+            stek_log(STEK_LOG_INFO, "stekd",
+                     "group %s: generation %u has no key yet; advancing its chain %llu epochs",
+                     cfg->name, (unsigned)n, (unsigned long long)(target - newest));
+        if (target - newest > st->cfg->max_jump && !fresh) {
             char why[160];
             snprintf(why, sizeof(why),
                      "refusing to advance %llu epochs past the newest chain key (max_jump %u); "
@@ -355,7 +396,19 @@ static int64_t refresh_group(stekd_state *st, group_slot *g, int64_t now)
             publish_unavailable(st, g, "%s", why);
             return next;
         }
-        status = stek_p11_ratchet_advance(st->p11, cfg->name, n, target);
+        /* In slices, dropping what falls out of the window as it goes: one
+         * long ratchet call costs the square of its length, and a long jump
+         * would otherwise fill the token with keys already expired. */
+        uint64_t win_first, win_last;
+        stek_sched_window(s, e, gen_first, &win_first, &win_last);
+        for (uint64_t at = newest; at < target && status == STEK_OK;) {
+            uint64_t to = target - at > RATCHET_SLICE ? at + RATCHET_SLICE : target;
+            status = stek_p11_ratchet_advance(st->p11, cfg->name, n, to);
+            unsigned dropped = 0;
+            if (status == STEK_OK && to < target)
+                status = stek_p11_ticket_destroy_before(st->p11, cfg->name, n, win_first, &dropped);
+            at = to;
+        }
         if (status != STEK_OK) {
             publish_unavailable(st, g, "%s", stek_error_detail());
             return next;

@@ -363,14 +363,6 @@ static stek_status start_generation(stekctl *c, const stekd_group_cfg *g, uint32
     if (st != STEK_OK)
         return stekctl_fail(c, st, "cannot create the root chain key of group %s generation %u",
                             g->name, (unsigned)n);
-    /* The chain goes straight to the epoch stekd needs (K(e+1) exists once
-     * it reaches e+2), as `advance` would: left at e, stekd's next refresh
-     * must jump exactly max_jump's default of 2, and one epoch boundary
-     * passing first would make it refuse the group. */
-    st = stek_p11_ratchet_advance(c->p11, g->name, n, *epoch + 2);
-    if (st != STEK_OK)
-        return stekctl_fail(c, st, "cannot advance group %s generation %u to epoch %" PRIu64,
-                            g->name, (unsigned)n, *epoch + 2);
     st = stek_p11_generation_record(c->p11, g->name, n, c->now);
     if (st != STEK_OK)
         return stekctl_fail(c, st, "cannot record generation %u of group %s", (unsigned)n, g->name);

@@ -198,28 +198,15 @@ static bool both_at(void *arg)
            ka.generation == w->generation && kb.generation == w->generation && ka.ready && kb.ready;
 }
 
-/*
- * stekctl rekey makes generation 2's chain key at the current epoch, and
- * stekd must then step it two epochs (to current + 2, its max_jump) at its
- * next refresh. A rotation in between would make that three, which stekd
- * refuses until `stekctl advance`. So the rekey runs early in an epoch:
- * this waits for a moment on the clock, not for anything to be ready.
- */
-static void early_in_epoch(void)
-{
-    struct timespec now;
-    clock_gettime(CLOCK_REALTIME, &now);
-    int64_t into_ms = (now.tv_sec % EPOCH_S) * 1000 + now.tv_nsec / 1000000;
-    if (into_ms > 1000) {
-        int64_t ms = EPOCH_S * 1000 - into_ms + 50;
-        struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-        nanosleep(&ts, NULL);
-    }
-}
-
 static int stekctl_rekey(void)
 {
-    char *argv[] = {STEKCTL_PATH, "--config", d.config_path, "rekey", GROUP, NULL};
+    /* As of two epochs ago: generation 2's chain key sits two epochs
+     * behind, so stekd's next refresh must step it four, past max_jump
+     * (2), as when epoch boundaries pass between a rekey and that refresh.
+     * A generation with no key in the token yet is stepped anyway. */
+    char when[32];
+    snprintf(when, sizeof(when), "%lld", (long long)time(NULL) - 2 * EPOCH_S);
+    char *argv[] = {STEKCTL_PATH, "--config", d.config_path, "--now", when, "rekey", GROUP, NULL};
     char log[FX_PATH_MAX + 32];
     snprintf(log, sizeof(log), "%s/stekctl.log", d.dir);
     pid_t pid;
@@ -238,7 +225,6 @@ static void test_rekey_drops_old_generation(void **state)
     assert_non_null(old12);
     assert_non_null(old13);
     stek_counters a0 = counters(client_a), b0 = counters(client_b);
-    early_in_epoch();
     struct timespec t0, t1;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     assert_int_equal(stekctl_rekey(), 0);
