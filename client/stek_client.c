@@ -38,6 +38,7 @@
 #include "keyring.h"
 #include "log.h"
 #include "p11engine.h"
+#include "stek_client_internal.h"
 #include "transport.h"
 #include "stek/v1/stek.pb-c.h"
 
@@ -704,6 +705,12 @@ stek_result stek_client_get_counters(const stek_client *cc, stek_counters *out)
     return STEK_RESULT_OK;
 }
 
+/* Internal (stek_client_internal.h), not STEK_API: hidden in the shared libstek. */
+stek_keyring *stek_client_keyring(stek_client *c)
+{
+    return c != NULL ? c->ring : NULL;
+}
+
 /* ---- the ticket callbacks ---------------------------------------------------------- */
 
 static int ex_index = -1;
@@ -794,7 +801,8 @@ static const char *conn_group(const stek_client *c, SSL *s)
 typedef struct cb_note {
     const SSL *s;
     stek_client *c;
-    bool found; /* decrypt: ticket_cb gave OpenSSL one of our keys */
+    bool found;   /* decrypt: ticket_cb gave OpenSSL one of our keys */
+    bool current; /* ... and it is the group's current key */
 } cb_note;
 
 static _Thread_local cb_note enc_note, dec_note;
@@ -866,7 +874,11 @@ static int ticket_cb(SSL *s, unsigned char key_name[16], unsigned char *iv, EVP_
                 !mac_init(hctx, e + STEK_RING_NAME_BYTES))
                 goto done; /* cannot decrypt: a full handshake */
             dec_note.found = true;
-            ret = l == STEK_RING_FOUND_CURRENT ? 1 : 2;
+            dec_note.current = l == STEK_RING_FOUND_CURRENT;
+            /* 2 (renew) for any other key, and always under TLS 1.3, as
+             * OpenSSL's built-in keys do there: a client should not reuse
+             * one ticket for many connections (RFC 8446 C.4). */
+            ret = dec_note.current && SSL_version(s) != TLS1_3_VERSION ? 1 : 2;
             break;
         }
         case STEK_RING_MISS_EXPIRED:
@@ -904,16 +916,15 @@ static SSL_TICKET_RETURN dec_cb(SSL *s, SSL_SESSION *ss, const unsigned char *ke
     (void)keyname_len;
     stek_client *c = arg;
     const bool ours = dec_note.s == s && dec_note.found;
+    const bool current = ours && dec_note.current;
     dec_note = (cb_note){0};
     switch (status) {
     case SSL_TICKET_SUCCESS:
-        if (c != NULL)
-            bump(&c->tickets_resumed);
-        return SSL_TICKET_RETURN_USE;
     case SSL_TICKET_SUCCESS_RENEW:
+        /* Counted by the key, not by the renewal: TLS 1.3 renews always. */
         if (c != NULL)
-            bump(&c->tickets_renewed);
-        return SSL_TICKET_RETURN_USE_RENEW;
+            bump(current ? &c->tickets_resumed : &c->tickets_renewed);
+        return status == SSL_TICKET_SUCCESS ? SSL_TICKET_RETURN_USE : SSL_TICKET_RETURN_USE_RENEW;
     case SSL_TICKET_NO_DECRYPT:
         if (ours && c != NULL)
             bump(&c->miss_bad_mac);

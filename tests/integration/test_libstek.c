@@ -350,6 +350,20 @@ static void bad_mac(int version)
     assert_int_equal(k1.tickets_resumed + k1.tickets_renewed,
                      k0.tickets_resumed + k0.tickets_renewed + 1);
     assert_int_equal(k1.miss_bad_mac, k0.miss_bad_mac);
+    /* TLS 1.3 renews every resumed ticket, as OpenSSL's own keys do (a
+     * ticket reused across connections links them: RFC 8446 C.4); TLS 1.2
+     * keeps a current key's ticket. */
+    const unsigned char *t0 = NULL, *t1 = NULL;
+    size_t l0 = 0, l1 = 0;
+    SSL_SESSION_get0_ticket(full.session, &t0, &l0);
+    SSL_SESSION_get0_ticket(good.session, &t1, &l1);
+    assert_true(l0 > 0 && l1 > 0);
+    bool same = l0 == l1 && memcmp(t0, t1, l0) == 0;
+    const bool by_current = k1.tickets_resumed == k0.tickets_resumed + 1;
+    if (version == TLS1_3_VERSION)
+        assert_false(same);
+    else
+        assert_true(same == by_current); /* a rotation in between renews it */
     SSL_SESSION_free(full.session);
     SSL_SESSION_free(good.session);
 }

@@ -101,7 +101,7 @@ typedef struct stek_counters {
     uint64_t tickets_issued;        /* tickets encrypted (by any key) */
     uint64_t tickets_stale;         /* of which with a key past its encrypt window (outage) */
     uint64_t tickets_resumed;       /* sessions resumed from a ticket of the current key */
-    uint64_t tickets_renewed;       /* resumed from another live key's ticket: renewed */
+    uint64_t tickets_renewed;       /* resumed from another live key's ticket (then renewed) */
     uint64_t miss_unknown;          /* ticket name never installed here */
     uint64_t miss_expired;          /* ticket key past its decrypt deadline */
     uint64_t miss_other_generation; /* ticket key of a generation since replaced */
