@@ -649,6 +649,7 @@ static void test_cert_identities(void **state)
     assert_int_equal(n, 0);
     assert_int_equal(stek_cert_identities(both.key_path, ids, &n), STEK_ERR_CRYPTO);
     assert_int_equal(stek_cert_identities("/nonexistent/cert.pem", ids, &n), STEK_ERR_IO);
+    fx_ca_free(&ca);
     assert_int_equal(fx_rmtree(dir), 0);
 }
 
