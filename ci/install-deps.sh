@@ -121,6 +121,7 @@ if [[ $mode == dry-run ]]; then
 fi
 
 export DEBIAN_FRONTEND=noninteractive
+installed_now=("${missing[@]}")
 "${as_root[@]}" apt-get update -q
 "${as_root[@]}" "${apt_install[@]}"
 
@@ -128,5 +129,19 @@ find_missing
 if [[ ${#missing[@]} -ne 0 ]]; then
     echo "$prog: still missing after apt-get install: ${missing[*]}" >&2
     exit 1
+fi
+
+# nginx, haproxy and prometheus are here only as programs the tests start on
+# loopback ports of their own. Under systemd, Debian starts and enables their
+# stock services on install (nginx on port 80, Prometheus on 9090): stop and
+# disable those that this run installed. Ones installed before are left alone.
+if [[ -d /run/systemd/system ]]; then
+    for svc in nginx haproxy prometheus; do
+        if [[ " ${installed_now[*]} " == *" $svc "* ]]; then
+            "${as_root[@]}" systemctl disable --now "$svc" >/dev/null 2>&1 &&
+                echo "$prog: stopped and disabled the $svc service installed for the tests" ||
+                echo "$prog: could not stop the $svc service; the tests do not need it" >&2
+        fi
+    done
 fi
 echo "$prog: all ${#pkgs[@]} packages are installed"
