@@ -414,7 +414,7 @@ static void test_publish_grace_and_cleanse(void **state)
 typedef struct reader_arg {
     stek_keyring *kr;
     atomic_bool *stop;
-    long reads;
+    atomic_long reads;
 } reader_arg;
 
 static void *reader_thread(void *arg)
@@ -434,7 +434,7 @@ static void *reader_thread(void *arg)
             }
         }
         stek_keyring_read_end(a->kr, slot);
-        a->reads++;
+        atomic_fetch_add(&a->reads, 1);
     }
     return NULL;
 }
@@ -451,6 +451,14 @@ static void test_publish_concurrent(void **state)
     pthread_t t[2];
     for (int i = 0; i < 2; i++)
         assert_int_equal(pthread_create(&t[i], NULL, reader_thread, &ra[i]), 0);
+    /* Both readers must be reading before the writer starts: on a loaded
+     * machine the 300 publishes could otherwise finish before either
+     * thread ran once (a deadline, not a guess: 10 s). */
+    for (int spins = 0; atomic_load(&ra[0].reads) == 0 || atomic_load(&ra[1].reads) == 0; spins++) {
+        assert_true(spins < 10000);
+        struct timespec ms = {0, 1000000};
+        nanosleep(&ms, NULL);
+    }
     fake_group f;
     for (int n = 0; n < 300; n++) {
         fake(&f, "edge", 1, 1, (uint64_t)n, 3, (uint64_t)n + 1, 0);
