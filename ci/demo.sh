@@ -5,7 +5,8 @@
 # by git), starts stekd with 10-second epochs, starts two example TLS servers
 # built on libstek (client/examples/stek_demo_server.c), and uses
 # `openssl s_client` to show a session started on server A resuming on
-# server B, under TLS 1.3 and 1.2, and again after a key rotation.
+# server B, under TLS 1.3 and 1.2, and again after a key rotation. It ends
+# with `stekctl fleet`: what each server reported holding, converged or not.
 # Everything it starts is stopped when it ends; a failure exits non-zero
 # with the reason. Run through `make demo`, which installs and builds first.
 set -euo pipefail
@@ -112,6 +113,7 @@ tls = { cert = "pki/stekd.pem"; key = "pki/stekd-key.pem"; client_ca = "pki/ca.p
 hsm = { module = "$softhsm_module"; token = "stek-demo"; pin_env = "STEK_PIN";
         so_pin_env = "STEK_SO_PIN"; };
 schedule = { max_jump = 2; heartbeat = "2s"; jitter = "0s"; };
+metrics = { listen = "127.0.0.1:0"; };
 groups = (
   { name = "$GROUP"; epoch = "${EPOCH}s"; decrypt_lifetime = "${LIFETIME}s"; origin = 0;
     allow = [ "uri:spiffe://demo/web/*" ]; }
@@ -130,6 +132,16 @@ pids+=($!)
 wait_for_file "$demo/stekd.port" 15 || fail "stekd did not start"
 stekd_port="$(cat "$demo/stekd.port")"
 note "stekd listening on 127.0.0.1:$stekd_port (mutual TLS)"
+# Port 0 in the config: stekd picked one and logged it.
+metrics_port=""
+deadline=$((SECONDS + 10))
+until [[ -n $metrics_port ]]; do
+    metrics_port="$(sed -n 's/.*metrics listening on .*(port \([0-9]*\)).*/\1/p' "$demo/stekd.log")"
+    [[ -n $metrics_port ]] && break
+    ((SECONDS < deadline)) || fail "stekd did not log its metrics port"
+    sleep 0.1
+done
+note "metrics and the fleet table on http://127.0.0.1:$metrics_port (plain HTTP, loopback only)"
 
 start_server() { # name, host cert stem, state dir
     local name=$1 host=$2 state=$3
@@ -191,6 +203,27 @@ note "(its key is now decrypt-only, so B issued a fresh ticket under the new key
 say "What the servers saw"
 sed 's/^/   /' "$demo/server-A.log" | tail -n 4
 sed 's/^/   /' "$demo/server-B.log" | tail -n 4
+
+say "stekctl fleet: what each server reports holding"
+# Each server reports after every set it accepts (and every 10 s), so both
+# have reported the new epoch within moments of the rotation.
+fleet() {
+    "$bin_stekctl" --config "$demo/stekd.conf" fleet "$GROUP" \
+        --url "http://127.0.0.1:$metrics_port" "$@" 2>>"$demo/stekctl.log"
+}
+deadline=$((SECONDS + 10))
+table="$(fleet || true)"
+until [[ $table == *"2 host(s): 2 converged"* ]]; do
+    if ((SECONDS >= deadline)); then
+        printf '%s\n' "$table" | sed 's/^./   &/'
+        fail "the two servers did not both converge"
+    fi
+    sleep 0.2
+    table="$(fleet || true)"
+done
+printf '%s\n' "$table" | sed 's/^./   &/'
+note "(counters as of each server's last report; the config's metrics.listen is port 0"
+note " here, so the demo names the port with --url)"
 
 say "Done: stopping stekd and both servers"
 cleanup

@@ -376,6 +376,10 @@ struct stek_client {
     atomic_uint_fast64_t current_epoch, generation;
     atomic_int_fast64_t last_fetch_unix;
     atomic_uint_fast64_t cache_loaded, cache_rejected, cache_write_errors;
+
+    /* Fleet reports to stekd (ReportStatus): the "fleet reports" section at
+     * the end of this file. NULL: not reporting. */
+    struct stek_reporter *rep;
 };
 
 static void bump(atomic_uint_fast64_t *c)
@@ -447,6 +451,12 @@ static stek_status load_private_key(const char *spec, EVP_PKEY **out)
 
 static void *run(void *arg);
 static void stop_threads(stek_client *c);
+/* Fleet reports (the section at the end of this file). */
+static void report_start(stek_client *c);
+static void report_stop(stek_client *c);
+static void report_request(stek_group_state *g);
+static void report_due(stek_group_state *g);
+static void report_replica(stek_group_state *g, size_t replica);
 static void cache_load(stek_client *c, EVP_PKEY *sealing_priv);
 
 static long group_of(const stek_client *c, const char *name)
@@ -611,6 +621,7 @@ stek_result stek_client_new(const stek_options *o, stek_client **out)
         client_destroy(c);
         return result_of(st);
     }
+    report_start(c); /* before the group threads, which feed it */
     for (size_t i = 0; i < c->n_groups; i++) {
         if (pthread_create(&c->groups[i].thread, NULL, run, &c->groups[i]) != 0) {
             stop_threads(c);
@@ -623,7 +634,7 @@ stek_result stek_client_new(const stek_options *o, stek_client **out)
     return STEK_RESULT_OK;
 }
 
-/* Stops every group thread (each sees the flag within a read slice). */
+/* Stops every group thread (each sees the flag within a read slice), then the reporter. */
 static void stop_threads(stek_client *c)
 {
     pthread_mutex_lock(&c->mu);
@@ -635,6 +646,9 @@ static void stop_threads(stek_client *c)
             pthread_join(c->groups[i].thread, NULL);
             c->groups[i].thread_started = false;
         }
+    /* Last: the group threads feed it; it uses the transports and the
+     * keyring, which outlive this call. */
+    report_stop(c);
 }
 
 void stek_client_free(stek_client *c)
@@ -1155,6 +1169,7 @@ static stek_status new_request(stek_group_state *c)
     c->request = req;
     c->request_len = len;
     c->eph_born = stek_boottime_ns();
+    report_request(c);
     return STEK_OK;
 }
 
@@ -1258,6 +1273,7 @@ static void on_accepted(stek_group_state *g, const stek_accepted_set *set)
     pthread_mutex_lock(&c->wmu);
     update_ready(c);
     pthread_mutex_unlock(&c->wmu);
+    report_due(g);
 }
 
 /*
@@ -1477,6 +1493,7 @@ static void *run(void *arg)
                 continue;
             }
         }
+        report_replica(g, replica);
         bool delivered =
             watch(g, c->transports[replica], c->targets[replica], failures >= c->n_transports);
         if (stopping(c))
@@ -1499,4 +1516,237 @@ static void *run(void *arg)
         idle(c, delay);
     }
     return NULL;
+}
+
+/* ---- fleet reports ------------------------------------------------------------------- */
+
+/*
+ * What this host holds, reported to stekd (ReportStatus) for `stekctl
+ * fleet` and stekd's /metrics: per group, its generation, CURRENT epoch,
+ * key names (never key material) and the client's ticket counters. One
+ * thread per client sends them, after each set a group accepts and every
+ * REPORT_INTERVAL_MS, to the replica that group is watching, over the same
+ * transport. It reads the keyring like the ticket callback (a read
+ * section) and the counters like stek_client_get_counters, so it never
+ * holds up a group thread: a report that fails or hangs (until its
+ * deadline) changes nothing about keys, and is logged at debug level only.
+ * A replica that does not know ReportStatus (UNIMPLEMENTED: an older
+ * stekd) is skipped for REPORT_SKIP_MS.
+ *
+ * The report is authenticated like the group's watch: it carries the very
+ * request the group watches with, which stekd checks on GetKeySet's path
+ * (mostly a hit of its validated-request cache: no signature check).
+ */
+#define REPORT_INTERVAL_MS 10000
+/* A report in flight at stek_client_free is cancelled, not waited for. */
+#define REPORT_TIMEOUT_MS 2000
+#define REPORT_SKIP_MS (10 * 60 * 1000)
+#define GRPC_UNIMPLEMENTED 12 /* grpc/status.h: transport.h statuses are plain ints */
+
+typedef struct stek_report_group {
+    uint8_t *request; /* a copy of the group's signed request; NULL until it has one */
+    size_t request_len;
+    size_t replica;  /* the transport the group watches on */
+    bool due;        /* a set was accepted since the last report */
+    int64_t last_ns; /* CLOCK_BOOTTIME of the last report (or of the first request) */
+} stek_report_group;
+
+struct stek_reporter {
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv; /* CLOCK_MONOTONIC: due, stop */
+    bool stop;
+    atomic_bool cancel; /* stop, for a report in flight: free does not wait it out */
+    stek_report_group groups[STEK_MAX_GROUPS]; /* under mu */
+    int64_t skip_until[STEK_MAX_SERVERS];      /* reporter thread only */
+};
+
+/* Sends group gi's report over replica's transport. Reporter thread. */
+static void report_send(stek_client *c, size_t gi, const uint8_t *req, size_t len, size_t replica)
+{
+    struct stek_reporter *rp = c->rep;
+    const int64_t now = stek_boottime_ns();
+    if (replica >= c->n_transports || rp->skip_until[replica] > now)
+        return;
+    uint8_t names[STEK_REPORT_MAX_NAMES][STEK_TICKET_NAME_BYTES];
+    stek_report r = {
+        .key_set_request = req,
+        .key_set_request_len = len,
+        .names = (const uint8_t(*)[STEK_TICKET_NAME_BYTES])names,
+        .interval_s = REPORT_INTERVAL_MS / 1000,
+    };
+    unsigned slot;
+    const stek_ring *ring = stek_keyring_read_begin(c->ring, &slot);
+    int g = stek_ring_group_index(ring, c->groups[gi].name);
+    if (g >= 0) {
+        const stek_ring_group *rg = &ring->groups[g];
+        r.generation = rg->generation;
+        r.current_epoch = rg->current_epoch;
+        /* The newest keys when there are more than a report takes. Names
+         * only: the first 16 bytes of each entry. */
+        size_t from = rg->count > STEK_REPORT_MAX_NAMES ? rg->count - STEK_REPORT_MAX_NAMES : 0;
+        for (size_t i = from; i < rg->count; i++)
+            memcpy(names[r.n_names++], stek_ring_entry(ring, rg->first + i),
+                   STEK_TICKET_NAME_BYTES);
+    }
+    stek_keyring_read_end(c->ring, slot);
+    stek_counters k;
+    if (stek_client_get_counters(c, &k) != STEK_RESULT_OK)
+        return;
+    r.counters = (stek_report_counters){
+        .tickets_issued = k.tickets_issued,
+        .tickets_stale = k.tickets_stale,
+        .tickets_resumed = k.tickets_resumed,
+        .tickets_renewed = k.tickets_renewed,
+        .miss_unknown = k.miss_unknown,
+        .miss_expired = k.miss_expired,
+        .miss_other_generation = k.miss_other_generation,
+        .miss_other_group = k.miss_other_group,
+        .miss_bad_mac = k.miss_bad_mac,
+        .no_key_encrypts = k.no_key_encrypts,
+    };
+    uint8_t *msg = NULL;
+    size_t msg_len = 0;
+    stek_status st = stek_report_build(&r, &msg, &msg_len);
+    int code = STEK_TRANSPORT_NO_STATUS;
+    char details[128] = "";
+    if (st == STEK_OK)
+        st = stek_transport_report(c->transports[replica], msg, msg_len, REPORT_TIMEOUT_MS,
+                                   &rp->cancel, &code, details, sizeof(details));
+    free(msg);
+    if (st == STEK_OK)
+        return;
+    stek_log(STEK_LOG_DEBUG, COMPONENT, "%s: report for group %s not delivered: %s (gRPC %d %s)",
+             c->targets[replica], c->groups[gi].name, stek_error_detail(), code, details);
+    if (code == GRPC_UNIMPLEMENTED)
+        rp->skip_until[replica] = now + (int64_t)REPORT_SKIP_MS * 1000000;
+}
+
+static void *report_main(void *arg)
+{
+    stek_client *c = arg;
+    struct stek_reporter *rp = c->rep;
+    pthread_mutex_lock(&rp->mu);
+    while (!rp->stop) {
+        const int64_t now = stek_boottime_ns();
+        const int64_t interval = (int64_t)REPORT_INTERVAL_MS * 1000000;
+        int64_t next = now + interval;
+        long pick = -1;
+        for (size_t i = 0; i < c->n_groups && pick < 0; i++) {
+            const stek_report_group *rg = &rp->groups[i];
+            if (rg->request == NULL)
+                continue;
+            int64_t at = rg->due ? now : rg->last_ns + interval;
+            if (at <= now)
+                pick = (long)i;
+            else if (at < next)
+                next = at;
+        }
+        if (pick < 0) {
+            struct timespec until = mono_after((int)((next - now) / 1000000) + 1);
+            pthread_cond_timedwait(&rp->cv, &rp->mu, &until);
+            continue;
+        }
+        stek_report_group *rg = &rp->groups[pick];
+        uint8_t *req = malloc(rg->request_len);
+        size_t len = rg->request_len, replica = rg->replica;
+        if (req != NULL)
+            memcpy(req, rg->request, len);
+        rg->due = false;
+        rg->last_ns = now;
+        pthread_mutex_unlock(&rp->mu);
+        if (req != NULL)
+            report_send(c, (size_t)pick, req, len, replica);
+        free(req);
+        pthread_mutex_lock(&rp->mu);
+    }
+    pthread_mutex_unlock(&rp->mu);
+    return NULL;
+}
+
+/* Starts the reporter; without one (no memory, no thread) the client just does not report. */
+static void report_start(stek_client *c)
+{
+    struct stek_reporter *rp = calloc(1, sizeof(*rp));
+    if (rp == NULL) {
+        stek_log(STEK_LOG_WARN, COMPONENT, "fleet reports off: out of memory");
+        return;
+    }
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&rp->cv, &ca);
+    pthread_condattr_destroy(&ca);
+    pthread_mutex_init(&rp->mu, NULL);
+    c->rep = rp;
+    if (pthread_create(&rp->thread, NULL, report_main, c) != 0) {
+        stek_log(STEK_LOG_WARN, COMPONENT, "fleet reports off: no thread");
+        c->rep = NULL;
+        pthread_cond_destroy(&rp->cv);
+        pthread_mutex_destroy(&rp->mu);
+        free(rp);
+    }
+}
+
+/* Stops the reporter (cancelling a report in flight) and frees it. */
+static void report_stop(stek_client *c)
+{
+    struct stek_reporter *rp = c->rep;
+    if (rp == NULL)
+        return;
+    atomic_store(&rp->cancel, true);
+    pthread_mutex_lock(&rp->mu);
+    rp->stop = true;
+    pthread_cond_broadcast(&rp->cv);
+    pthread_mutex_unlock(&rp->mu);
+    pthread_join(rp->thread, NULL);
+    c->rep = NULL;
+    for (size_t i = 0; i < STEK_MAX_GROUPS; i++)
+        free(rp->groups[i].request);
+    pthread_cond_destroy(&rp->cv);
+    pthread_mutex_destroy(&rp->mu);
+    free(rp);
+}
+
+/* The group's new signed request (a new ephemeral key): reports carry it. Group thread. */
+static void report_request(stek_group_state *g)
+{
+    struct stek_reporter *rp = g->c->rep;
+    if (rp == NULL)
+        return;
+    uint8_t *copy = malloc(g->request_len);
+    if (copy == NULL)
+        return; /* reports go on with the previous request, or start later */
+    memcpy(copy, g->request, g->request_len);
+    pthread_mutex_lock(&rp->mu);
+    stek_report_group *rg = &rp->groups[g->index];
+    free(rg->request);
+    rg->request = copy;
+    rg->request_len = g->request_len;
+    if (rg->last_ns == 0)
+        rg->last_ns = stek_boottime_ns();
+    pthread_mutex_unlock(&rp->mu);
+}
+
+/* The group accepted a set: report it now. Group thread. */
+static void report_due(stek_group_state *g)
+{
+    struct stek_reporter *rp = g->c->rep;
+    if (rp == NULL)
+        return;
+    pthread_mutex_lock(&rp->mu);
+    rp->groups[g->index].due = true;
+    pthread_cond_broadcast(&rp->cv);
+    pthread_mutex_unlock(&rp->mu);
+}
+
+/* The replica the group is about to watch: its reports go there too. Group thread. */
+static void report_replica(stek_group_state *g, size_t replica)
+{
+    struct stek_reporter *rp = g->c->rep;
+    if (rp == NULL)
+        return;
+    pthread_mutex_lock(&rp->mu);
+    rp->groups[g->index].replica = replica;
+    pthread_mutex_unlock(&rp->mu);
 }

@@ -43,6 +43,8 @@
 #define DRAIN_MS 10000
 /* Slack on top of a unary call's own deadline before we stop trusting it. */
 #define SLACK_MS 5000
+/* How often a cancellable call (ReportStatus) looks at its cancel flag. */
+#define CANCEL_POLL_MS 50
 #define PEM_MAX_BYTES (1024 * 1024)
 #define DEFAULT_MAX_BACKOFF_MS 5000
 #define COMPONENT "libstek"
@@ -304,24 +306,31 @@ static grpc_call *new_call(stek_transport *t, grpc_completion_queue *cq, const c
                                     deadline, NULL);
 }
 
-/* ---- unary GetKeySet ------------------------------------------------------ */
+/* ---- unary calls: GetKeySet, ReportStatus ---------------------------------- */
 
-stek_status stek_transport_get(stek_transport *t, const uint8_t *req, size_t len, int timeout_ms,
-                               uint8_t **resp, size_t *resp_len, int *grpc_status, char *details,
-                               size_t dlen)
+/*
+ * One unary call of `method` (named `what` in errors). With resp NULL the
+ * answer's body is not wanted (ReportStatus): OK is enough.
+ */
+static stek_status unary(stek_transport *t, const char *method, const char *what,
+                         const uint8_t *req, size_t len, int timeout_ms, const atomic_bool *cancel,
+                         uint8_t **resp, size_t *resp_len, int *grpc_status, char *details,
+                         size_t dlen)
 {
     if (grpc_status != NULL)
         *grpc_status = STEK_TRANSPORT_NO_STATUS;
     if (details != NULL && dlen > 0)
         details[0] = '\0';
-    STEK_ENSURE(resp != NULL && resp_len != NULL, STEK_ERR_INVALID_ARG);
-    *resp = NULL;
-    *resp_len = 0;
+    STEK_ENSURE((resp == NULL) == (resp_len == NULL), STEK_ERR_INVALID_ARG);
+    if (resp != NULL) {
+        *resp = NULL;
+        *resp_len = 0;
+    }
     STEK_ENSURE(t != NULL && (req != NULL || len == 0) && timeout_ms > 0, STEK_ERR_INVALID_ARG);
 
     grpc_completion_queue *cq = grpc_completion_queue_create_for_pluck(NULL);
     STEK_ENSURE(cq != NULL, STEK_ERR_NOMEM);
-    grpc_call *call = new_call(t, cq, STEK_METHOD_GET, deadline_in(timeout_ms));
+    grpc_call *call = new_call(t, cq, method, deadline_in(timeout_ms));
     if (call == NULL) {
         cq_destroy(cq);
         STEK_BAIL(STEK_ERR_INTERNAL, "grpc_channel_create_call failed");
@@ -356,25 +365,40 @@ stek_status stek_transport_get(stek_transport *t, const uint8_t *req, size_t len
     grpc_call_error ce = grpc_call_start_batch(call, ops, 6, tag(TAG_UNARY), NULL);
     if (ce != GRPC_CALL_OK)
         STEK_BAIL_GOTO(STEK_ERR_INTERNAL, "grpc_call_start_batch: error %d", (int)ce);
-    if (!pluck(cq, TAG_UNARY, deadline_in(timeout_ms + SLACK_MS), NULL)) {
-        /* The call's own deadline should have ended it; make sure. */
+    const gpr_timespec until = deadline_in(timeout_ms + SLACK_MS);
+    bool completed = false;
+    for (;;) {
+        /* With a cancel flag, wait in slices and look at it in between. */
+        gpr_timespec slice =
+            cancel != NULL ? gpr_time_min(deadline_in(CANCEL_POLL_MS), until) : until;
+        completed = pluck(cq, TAG_UNARY, slice, NULL);
+        if (completed || (cancel != NULL && atomic_load(cancel)) ||
+            gpr_time_cmp(gpr_now(GPR_CLOCK_MONOTONIC), until) >= 0)
+            break;
+    }
+    if (!completed) {
+        /* Given up by the caller, or past the call's own deadline, which
+         * should have ended it: end it now. It completes CANCELLED. */
         grpc_call_cancel(call, NULL);
         if (!pluck(cq, TAG_UNARY, deadline_in(DRAIN_MS), NULL)) {
             stek_log(STEK_LOG_ERROR, COMPONENT,
-                     "GetKeySet: batch never completed after cancel; leaking the call");
-            return stek_error_set(STEK_ERR_IO, "GetKeySet: no completion past the deadline");
+                     "%s: batch never completed after cancel; leaking the call", what);
+            return stek_error_set(STEK_ERR_IO, "%s: no completion past the deadline", what);
         }
-        STEK_BAIL_GOTO(STEK_ERR_IO, "GetKeySet: no completion %d ms past the deadline", SLACK_MS);
+        if (cancel == NULL || !atomic_load(cancel))
+            STEK_BAIL_GOTO(STEK_ERR_IO, "%s: no completion %d ms past the deadline", what,
+                           SLACK_MS);
     }
     /* The batch's success flag says nothing for a client: the status does. */
     if (grpc_status != NULL)
         *grpc_status = (int)status;
     slice_to_buf(status_details, details, dlen);
     if (status != GRPC_STATUS_OK)
-        STEK_BAIL_GOTO(STEK_ERR_IO, "GetKeySet: gRPC status %d", (int)status);
-    if (recv == NULL)
-        STEK_BAIL_GOTO(STEK_ERR_IO, "GetKeySet: status OK without an answer");
-    STEK_GUARD_GOTO(bb_to_bytes(recv, resp, resp_len));
+        STEK_BAIL_GOTO(STEK_ERR_IO, "%s: gRPC status %d", what, (int)status);
+    if (resp != NULL && recv == NULL)
+        STEK_BAIL_GOTO(STEK_ERR_IO, "%s: status OK without an answer", what);
+    if (resp != NULL)
+        STEK_GUARD_GOTO(bb_to_bytes(recv, resp, resp_len));
 
 done:
     if (error_string != NULL)
@@ -388,6 +412,27 @@ done:
     grpc_call_unref(call);
     cq_destroy(cq);
     return st;
+}
+
+stek_status stek_transport_get(stek_transport *t, const uint8_t *req, size_t len, int timeout_ms,
+                               uint8_t **resp, size_t *resp_len, int *grpc_status, char *details,
+                               size_t dlen)
+{
+    if (resp == NULL || resp_len == NULL) {
+        if (grpc_status != NULL)
+            *grpc_status = STEK_TRANSPORT_NO_STATUS;
+        STEK_BAIL(STEK_ERR_INVALID_ARG, "GetKeySet: no place for the answer");
+    }
+    return unary(t, STEK_METHOD_GET, "GetKeySet", req, len, timeout_ms, NULL, resp, resp_len,
+                 grpc_status, details, dlen);
+}
+
+stek_status stek_transport_report(stek_transport *t, const uint8_t *req, size_t len, int timeout_ms,
+                                  const atomic_bool *cancel, int *grpc_status, char *details,
+                                  size_t dlen)
+{
+    return unary(t, STEK_METHOD_REPORT, "ReportStatus", req, len, timeout_ms, cancel, NULL, NULL,
+                 grpc_status, details, dlen);
 }
 
 /* ---- WatchKeySet streams -------------------------------------------------- */
@@ -610,4 +655,50 @@ done:
     free(buf);
     free(sig);
     return st;
+}
+
+stek_status stek_report_build(const stek_report *r, uint8_t **out, size_t *out_len)
+{
+    STEK_ENSURE(out != NULL && out_len != NULL, STEK_ERR_INVALID_ARG);
+    *out = NULL;
+    *out_len = 0;
+    STEK_ENSURE(r != NULL && r->key_set_request != NULL && r->key_set_request_len > 0 &&
+                    r->n_names <= STEK_REPORT_MAX_NAMES && (r->names != NULL || r->n_names == 0),
+                STEK_ERR_INVALID_ARG);
+    ProtobufCBinaryData names[STEK_REPORT_MAX_NAMES];
+    for (size_t i = 0; i < r->n_names; i++) {
+        names[i].data = (uint8_t *)r->names[i];
+        names[i].len = STEK_TICKET_NAME_BYTES;
+    }
+    const stek_report_counters *k = &r->counters;
+    Stek__V1__HostCounters hc = STEK__V1__HOST_COUNTERS__INIT;
+    hc.tickets_issued = k->tickets_issued;
+    hc.tickets_stale = k->tickets_stale;
+    hc.tickets_resumed = k->tickets_resumed;
+    hc.tickets_renewed = k->tickets_renewed;
+    hc.miss_unknown = k->miss_unknown;
+    hc.miss_expired = k->miss_expired;
+    hc.miss_other_generation = k->miss_other_generation;
+    hc.miss_other_group = k->miss_other_group;
+    hc.miss_bad_mac = k->miss_bad_mac;
+    hc.no_key_encrypts = k->no_key_encrypts;
+    Stek__V1__ReportStatusRequest m = STEK__V1__REPORT_STATUS_REQUEST__INIT;
+    m.key_set_request.data = (uint8_t *)r->key_set_request;
+    m.key_set_request.len = r->key_set_request_len;
+    m.generation = r->generation;
+    m.current_epoch = r->current_epoch;
+    m.n_key_names = r->n_names;
+    m.key_names = r->n_names > 0 ? names : NULL;
+    m.counters = &hc;
+    m.report_interval_s = r->interval_s;
+    size_t n = stek__v1__report_status_request__get_packed_size(&m);
+    uint8_t *buf = malloc(n);
+    STEK_ENSURE(buf != NULL, STEK_ERR_NOMEM);
+    if (stek__v1__report_status_request__pack(&m, buf) != n) {
+        free(buf);
+        STEK_BAIL(STEK_ERR_INTERNAL, "ReportStatusRequest: packed size changed");
+    }
+    *out = buf;
+    *out_len = n;
+    return STEK_OK;
 }

@@ -16,8 +16,8 @@
  * (PERMISSION_DENIED, INVALID_ARGUMENT, UNAUTHENTICATED). The details text
  * is the server's short reason, never a secret.
  *
- * Threads: open and close from one thread. Between them, get and watch_start
- * may run concurrently on one transport (a gRPC channel is thread-safe, and
+ * Threads: open and close from one thread. Between them, get, report and
+ * watch_start may run concurrently on one transport (a gRPC channel is thread-safe, and
  * every call has its own completion queue). A watch stream is used by one
  * thread at a time. Every stream must be freed before its transport closes.
  *
@@ -29,6 +29,8 @@
 #ifndef STEK_CLIENT_TRANSPORT_H
 #define STEK_CLIENT_TRANSPORT_H
 
+#include <stdatomic.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -39,6 +41,7 @@
 
 #define STEK_METHOD_GET "/stek.v1.KeyService/GetKeySet"
 #define STEK_METHOD_WATCH "/stek.v1.KeyService/WatchKeySet"
+#define STEK_METHOD_REPORT "/stek.v1.KeyService/ReportStatus"
 /* Largest answer accepted from the wire: well above STEK_ACCEPT_MAX_KEYS keys. */
 #define STEK_TRANSPORT_MAX_MESSAGE_BYTES (1024 * 1024)
 /* The gRPC status reported when a call never completed (no gRPC status at all). */
@@ -97,6 +100,17 @@ STEK_MUST_USE stek_status stek_transport_get(stek_transport *t, const uint8_t *r
                                              int *grpc_status, char *details, size_t dlen);
 
 /*
+ * One ReportStatus call with a serialized request (stek_report_build),
+ * bounded by timeout_ms (> 0), and given up (cancelled, within about 50 ms)
+ * as soon as *cancel turns true (cancel may be NULL). Same results as
+ * stek_transport_get, but the (empty) answer is not returned: STEK_OK
+ * means status OK; a cancelled call is STEK_ERR_IO with status CANCELLED.
+ */
+STEK_MUST_USE stek_status stek_transport_report(stek_transport *t, const uint8_t *req, size_t len,
+                                                int timeout_ms, const atomic_bool *cancel,
+                                                int *grpc_status, char *details, size_t dlen);
+
+/*
  * Starts a WatchKeySet stream: queues the request and the half-close
  * without waiting on the network. The stream has no overall deadline: it
  * lives until the server ends it or the caller frees it, and the caller's
@@ -145,5 +159,34 @@ void stek_transport_watch_cancel_free(stek_watch *w);
 STEK_MUST_USE stek_status stek_request_build(const char *group, const stek_host_eph *eph,
                                              const uint8_t *nonce, size_t nonce_len,
                                              EVP_PKEY *cert_key, uint8_t **out, size_t *out_len);
+
+/* ---- fleet reports (ReportStatus) ----------------------------------------- */
+
+#define STEK_REPORT_MAX_NAMES 64 /* stekd refuses more */
+
+/* A host's ticket counters (stek_counters' ticket fields). */
+typedef struct stek_report_counters {
+    uint64_t tickets_issued, tickets_stale, tickets_resumed, tickets_renewed;
+    uint64_t miss_unknown, miss_expired, miss_other_generation, miss_other_group, miss_bad_mac;
+    uint64_t no_key_encrypts;
+} stek_report_counters;
+
+/* What a host reports for one group. No key material: names only. */
+typedef struct stek_report {
+    const uint8_t *key_set_request; /* the group's signed request, as watched with */
+    size_t key_set_request_len;
+    uint64_t generation, current_epoch;             /* 0, 0: nothing installed yet */
+    const uint8_t (*names)[STEK_TICKET_NAME_BYTES]; /* ascending epochs */
+    size_t n_names;                                 /* <= STEK_REPORT_MAX_NAMES */
+    stek_report_counters counters;
+    uint32_t interval_s; /* the next periodic report, 1..3600 */
+} stek_report;
+
+/*
+ * Serializes a stek.v1.ReportStatusRequest. Returns STEK_OK with *out
+ * (malloc'd, free()) and *out_len; STEK_ERR_INVALID_ARG (no request, too
+ * many names); STEK_ERR_NOMEM.
+ */
+STEK_MUST_USE stek_status stek_report_build(const stek_report *r, uint8_t **out, size_t *out_len);
 
 #endif

@@ -404,13 +404,14 @@ static stek_status load_groups(const loader *ld, const config_setting_t *root, s
 }
 
 static const char *const top_names[] = {"listen", "tls",     "hsm",       "schedule", "limits",
-                                        "groups", "metrics", "audit_log", NULL};
+                                        "groups", "metrics", "audit_log", "fleet",    NULL};
 static const char *const tls_names[] = {"cert", "key", "client_ca", NULL};
 static const char *const hsm_names[] = {"module", "token", "pin_env", "so_pin_env", NULL};
 static const char *const schedule_names[] = {"max_jump", "heartbeat", "jitter", NULL};
 static const char *const limits_names[] = {"max_request_bytes", "wrap_cache_entries",
                                            "max_watchers", NULL};
 static const char *const metrics_names[] = {"listen", NULL};
+static const char *const fleet_names[] = {"max_hosts", "expire", NULL};
 
 static stek_status load_hsm(const loader *ld, const config_setting_t *root, stekd_config *cfg)
 {
@@ -469,6 +470,17 @@ static stek_status load_ops(const loader *ld, const config_setting_t *root, stek
     }
     if (config_setting_get_member(root, "audit_log") != NULL)
         STEK_GUARD(get_path(ld, root, "", "audit_log", false, &cfg->audit_log));
+    /* The hosts' reports (fleet.h): how many, and how long they are kept. */
+    const config_setting_t *fleet;
+    STEK_GUARD(get_section(ld, root, "fleet", false, &fleet));
+    if (fleet != NULL) {
+        STEK_GUARD(check_names(ld, fleet, "fleet.", fleet_names));
+        uint64_t v = cfg->fleet_max_hosts;
+        STEK_GUARD(get_count(ld, fleet, "fleet.", "max_hosts", 1, 1000000, &v));
+        cfg->fleet_max_hosts = (size_t)v;
+        STEK_GUARD(get_duration(ld, fleet, "fleet.", "expire", sec_units, 60, MAX_WINDOW_S,
+                                "1m to 30d", &cfg->fleet_expire_s));
+    }
     return STEK_OK;
 }
 
@@ -505,6 +517,8 @@ static stek_status set_defaults(stekd_config *cfg, const char *path)
     cfg->max_request_bytes = 4096;
     cfg->wrap_cache_entries = 10000;
     cfg->max_watchers = 10000;
+    cfg->fleet_max_hosts = 10000;
+    cfg->fleet_expire_s = 3600;
     return STEK_OK;
 }
 

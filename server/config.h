@@ -12,6 +12,7 @@
  *              max_watchers = 10000; };
  *   metrics = { listen = "127.0.0.1:9464"; };   # optional: Prometheus /metrics
  *   audit_log = "/var/log/stek/audit.log";      # optional: one line per set served
+ *   fleet = { max_hosts = 10000; expire = "1h"; }; # optional: hosts' reports kept
  *   groups = (
  *     { name = "edge"; epoch = "1h"; decrypt_lifetime = "18h";
  *       origin = 0;   # Unix seconds, or an RFC 3339 UTC string
@@ -62,6 +63,8 @@ typedef struct stekd_config {
     size_t max_watchers;       /* default 10000 */
     char *metrics_listen;      /* host:port of the plain-HTTP /metrics; NULL: off */
     char *audit_log;           /* absolute path of the audit log; NULL: off */
+    size_t fleet_max_hosts;    /* default 10000: hosts' reports kept (fleet.h) */
+    uint64_t fleet_expire_s;   /* default 3600: a report is dropped after this */
     stekd_group_cfg *groups;
     size_t n_groups;
 } stekd_config;

@@ -15,6 +15,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 
+#include "fleet.h"
 #include "log.h"
 #include "metrics.h"
 #include "policy.h"
@@ -274,4 +275,113 @@ uint64_t stekd_handle_view_version(const stekd_handler *h, const char *group)
     uint64_t ver = v ? v->version : 0;
     stekd_view_unref(v);
     return ver;
+}
+
+/* ---- fleet reports ------------------------------------------------------- */
+
+grpc_status_code stekd_handle_report(const stekd_handler *h, const stekd_peer *peer,
+                                     const char *peer_addr, const uint8_t *bytes, size_t len,
+                                     char *details, size_t details_len)
+{
+    Stek__V1__ReportStatusRequest *m = stek__v1__report_status_request__unpack(NULL, len, bytes);
+    if (m == NULL)
+        return refuse(GRPC_STATUS_INVALID_ARGUMENT, details, details_len,
+                      "malformed request: not a stek.v1 status report");
+    /* Who is reporting, for which group: GetKeySet's own checks, in its
+     * order, on the request the host watches with. */
+    stekd_request req;
+    grpc_status_code code = stekd_handle_validate(
+        h, peer, m->key_set_request.data, m->key_set_request.len, &req, details, details_len);
+    if (code != GRPC_STATUS_OK)
+        goto done;
+    if (m->n_key_names > STEKD_FLEET_MAX_NAMES) {
+        code = refuse(GRPC_STATUS_INVALID_ARGUMENT, details, details_len, "more than %d key names",
+                      STEKD_FLEET_MAX_NAMES);
+        goto done;
+    }
+    uint8_t names[STEKD_FLEET_MAX_NAMES][STEK_TICKET_NAME_BYTES];
+    for (size_t i = 0; i < m->n_key_names; i++) {
+        if (m->key_names[i].len != STEK_TICKET_NAME_BYTES) {
+            code = refuse(GRPC_STATUS_INVALID_ARGUMENT, details, details_len,
+                          "key name %zu is %zu bytes, not %d", i, m->key_names[i].len,
+                          STEK_TICKET_NAME_BYTES);
+            goto done;
+        }
+        memcpy(names[i], m->key_names[i].data, STEK_TICKET_NAME_BYTES);
+    }
+    if (m->report_interval_s < 1 || m->report_interval_s > STEKD_FLEET_MAX_INTERVAL_S) {
+        code = refuse(GRPC_STATUS_INVALID_ARGUMENT, details, details_len,
+                      "report interval must be 1 to %d s", STEKD_FLEET_MAX_INTERVAL_S);
+        goto done;
+    }
+    if (m->generation > UINT32_MAX) {
+        code =
+            refuse(GRPC_STATUS_INVALID_ARGUMENT, details, details_len, "generation beyond 32 bits");
+        goto done;
+    }
+    stekd_fleet_report r = {
+        .group = req.group,
+        .identity = req.identity,
+        .peer = peer_addr,
+        .generation = m->generation,
+        .current_epoch = m->current_epoch,
+        .names = (const uint8_t(*)[STEK_TICKET_NAME_BYTES])names,
+        .n_names = m->n_key_names,
+        .interval_s = m->report_interval_s,
+    };
+    const Stek__V1__HostCounters *k = m->counters;
+    if (k != NULL)
+        r.counters = (stekd_fleet_counters){
+            .tickets_issued = k->tickets_issued,
+            .tickets_stale = k->tickets_stale,
+            .tickets_resumed = k->tickets_resumed,
+            .tickets_renewed = k->tickets_renewed,
+            .miss_unknown = k->miss_unknown,
+            .miss_expired = k->miss_expired,
+            .miss_other_generation = k->miss_other_generation,
+            .miss_other_group = k->miss_other_group,
+            .miss_bad_mac = k->miss_bad_mac,
+            .no_key_encrypts = k->no_key_encrypts,
+        };
+    /* A report that cannot be kept is stekd's loss, not the host's error. */
+    if (h->fleet != NULL && stekd_fleet_put(h->fleet, &r, stekd_now()) != STEK_OK)
+        stek_log(STEK_LOG_WARN, "stekd", "report of %s (%s) not kept: %s", req.identity, req.group,
+                 stek_error_detail());
+done:
+    stek__v1__report_status_request__free_unpacked(m, NULL);
+    return code;
+}
+
+bool stekd_handle_fleet_group(const stekd_handler *h, const char *group, int64_t now,
+                              stekd_fleet_group *out)
+{
+    const stekd_group_cfg *g = stekd_config_group(h->cfg, group);
+    if (g == NULL)
+        return false;
+    memset(out, 0, sizeof(*out));
+    out->name = g->name;
+    out->sched = g->sched;
+    /* A healthy host gets the new set within the jitter, then reports. */
+    out->grace_s = (h->cfg->jitter_ms + 999) / 1000 + STEKD_FLEET_GRACE_S;
+    stekd_view *v = stekd_state_view(h->state, group);
+    if (v != NULL && v->available) {
+        out->epoch = v->epoch;
+        out->generation = v->generation;
+        out->gen_start = v->gen_start;
+        bool cur = false, next = false;
+        for (size_t i = 0; i < v->n_keys; i++) {
+            if (v->keys[i].epoch == v->epoch) {
+                memcpy(out->current_name, v->keys[i].name, STEK_TICKET_NAME_BYTES);
+                cur = true;
+            } else if (v->keys[i].epoch == v->epoch + 1) {
+                memcpy(out->next_name, v->keys[i].name, STEK_TICKET_NAME_BYTES);
+                next = true;
+            }
+        }
+        out->have_names = cur && next;
+    } else if (stek_sched_epoch_at(&g->sched, now, &out->epoch) != STEK_OK) {
+        out->epoch = 0; /* a clock before the group's origin */
+    }
+    stekd_view_unref(v);
+    return true;
 }

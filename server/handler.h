@@ -10,6 +10,9 @@
  *   eph_pub not an uncompressed P-256 point                  FAILED_PRECONDITION
  *   request signature not by the peer certificate's key      UNAUTHENTICATED
  *   HSM unavailable, or the schedule refused a jump          UNAVAILABLE
+ *
+ * A host's ReportStatus goes through the same validation (its embedded
+ * key-set request), then into the fleet table (fleet.h).
  */
 #ifndef STEK_SERVER_HANDLER_H
 #define STEK_SERVER_HANDLER_H
@@ -40,6 +43,8 @@ typedef struct stekd_peer {
 typedef struct stekd_vcache stekd_vcache;
 typedef struct stekd_metrics stekd_metrics; /* metrics.h */
 typedef struct stekd_audit stekd_audit;     /* audit.h */
+typedef struct stekd_fleet stekd_fleet;     /* fleet.h */
+typedef struct stekd_fleet_group stekd_fleet_group;
 
 typedef struct stekd_handler {
     const stekd_config *cfg;
@@ -49,6 +54,7 @@ typedef struct stekd_handler {
     stekd_vcache *vcache;   /* validated requests; NULL disables */
     stekd_metrics *metrics; /* NULL: no metrics */
     stekd_audit *audit;     /* NULL: no audit log */
+    stekd_fleet *fleet;     /* hosts' reports; NULL: reports are answered, not kept */
 } stekd_handler;
 
 /*
@@ -105,5 +111,29 @@ void stekd_handle_keyset(const stekd_handler *h, const stekd_request *req, stekd
 
 /* The version of the group's current view (0 when unknown). */
 uint64_t stekd_handle_view_version(const stekd_handler *h, const char *group);
+
+/*
+ * One ReportStatusRequest from peer (connection address peer_addr, may be
+ * ""). Its key_set_request is validated by stekd_handle_validate, so a
+ * report gets exactly GetKeySet's checks and statuses (and a host that
+ * resends its watch request costs no signature check); then the report's
+ * own fields (INVALID_ARGUMENT: a key name that is not 16 bytes, more than
+ * STEKD_FLEET_MAX_NAMES, an interval outside 1..3600 s, a generation
+ * beyond 32 bits). It is filed in h->fleet under the validated group and
+ * identity: a host can only ever report for itself. Never
+ * RESOURCE_EXHAUSTED: a full table evicts. Returns GRPC_STATUS_OK or the
+ * refusal, with details.
+ */
+grpc_status_code stekd_handle_report(const stekd_handler *h, const stekd_peer *peer,
+                                     const char *peer_addr, const uint8_t *bytes, size_t len,
+                                     char *details, size_t details_len);
+
+/*
+ * Where `group` stands at now, for judging its hosts (fleet.h): its
+ * current epoch and generation from its view, or from the schedule alone
+ * while the view is unavailable. False when the group is not configured.
+ */
+bool stekd_handle_fleet_group(const stekd_handler *h, const char *group, int64_t now,
+                              stekd_fleet_group *out);
 
 #endif

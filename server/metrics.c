@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "audit.h"
+#include "fleet.h"
 #include "keyset.h"
 #include "state.h"
 #include "stek_p11.h"
@@ -94,6 +95,7 @@ struct stekd_metrics {
     atomic_ulong counters[STEKD_M_COUNTERS];
     atomic_ulong fetches[N_CODES + 1]; /* the last: a code outside 0..16 */
     atomic_ulong watches[N_CODES + 1];
+    atomic_ulong reports[N_CODES + 1];
     histogram hsm[N_HSM_CALLS];
     struct {
         stekd_metrics_collector fn;
@@ -143,6 +145,12 @@ void stekd_metrics_watch_done(stekd_metrics *m, int code)
 {
     if (m != NULL)
         atomic_fetch_add_explicit(&m->watches[code_index(code)], 1, memory_order_relaxed);
+}
+
+void stekd_metrics_report_done(stekd_metrics *m, int code)
+{
+    if (m != NULL)
+        atomic_fetch_add_explicit(&m->reports[code_index(code)], 1, memory_order_relaxed);
 }
 
 void stekd_metrics_hsm_call(void *arg, const char *call, uint64_t ns, bool ok)
@@ -300,6 +308,9 @@ stek_status stekd_metrics_render(stekd_metrics *m, char **text, size_t *len)
               "WatchKeySet streams ended (refused, ended by stekd, or CANCELLED by the host), by "
               "gRPC status.",
               m->watches);
+    put_codes(&o, "stekd_fleet_reports_total",
+              "ReportStatus calls (hosts reporting what they hold) answered, by gRPC status.",
+              m->reports);
     stekd_metrics_family(&o, "stekd_request_signatures_rejected_total", "counter",
                          "Key-set requests whose signature did not verify against the client "
                          "certificate.");
@@ -439,11 +450,55 @@ static void put_groups(const stekd_metrics_sources *s, stekd_metrics_out *o, int
         const char *l[] = {"group", rows[i].cfg->name, NULL};
         stekd_metrics_sample(o, "stekd_group_schedule_jump_refused", l, rows[i].stats.refusing);
     }
-    /* The fleet reports will add "hosts by epoch held" and "lagging hosts"
-     * per group through a collector of their own. */
     for (size_t i = 0; i < n; i++)
         stekd_view_unref(rows[i].v);
     free(rows);
+}
+
+/* From the hosts' reports: every configured group gets every series, so
+ * an alert on zero hosts or on lagging ones works from the first scrape. */
+static void put_fleet(const stekd_metrics_sources *s, stekd_metrics_out *o, int64_t now)
+{
+    const stekd_config *cfg = s->h->cfg;
+    stekd_fleet_summary *sums = calloc(cfg->n_groups ? cfg->n_groups : 1, sizeof(*sums));
+    if (sums == NULL)
+        return;
+    for (size_t i = 0; i < cfg->n_groups; i++) {
+        stekd_fleet_group g;
+        if (stekd_handle_fleet_group(s->h, cfg->groups[i].name, now, &g))
+            stekd_fleet_summarize(s->h->fleet, &g, now, &sums[i]);
+    }
+    stekd_metrics_family(o, "stekd_fleet_hosts", "gauge",
+                         "Hosts that reported for the group, by state: converged (holding the "
+                         "group's current epoch) or lagging (behind it, or silent).");
+    for (size_t i = 0; i < cfg->n_groups; i++) {
+        const char *lc[] = {"group", cfg->groups[i].name, "state", "converged", NULL};
+        const char *ll[] = {"group", cfg->groups[i].name, "state", "lagging", NULL};
+        stekd_metrics_sample(o, "stekd_fleet_hosts", lc, (double)sums[i].converged);
+        stekd_metrics_sample(o, "stekd_fleet_hosts", ll, (double)sums[i].lagging);
+    }
+    stekd_metrics_family(o, "stekd_fleet_hosts_by_epoch", "gauge",
+                         "Hosts by the epoch they hold as current, relative to the group's "
+                         "current epoch (older: further behind, an older generation, or no "
+                         "key yet).");
+    for (size_t i = 0; i < cfg->n_groups; i++) {
+        for (int b = 0; b < STEKD_FLEET_OFFSETS; b++) {
+            const char *l[] = {"group", cfg->groups[i].name, "epoch_offset",
+                               stekd_fleet_offset_label((stekd_fleet_offset)b), NULL};
+            stekd_metrics_sample(o, "stekd_fleet_hosts_by_epoch", l, (double)sums[i].by_offset[b]);
+        }
+    }
+    free(sums);
+    stekd_fleet_stats fs;
+    stekd_fleet_get_stats(s->h->fleet, &fs);
+    put_gauge(o, "stekd_fleet_table_hosts",
+              "Hosts' reports kept, every group (at most fleet.max_hosts).", (double)fs.hosts);
+    put_counter(o, "stekd_fleet_evictions_total",
+                "Hosts' reports dropped to make room for a new host (fleet.max_hosts).",
+                (double)fs.evicted);
+    put_counter(o, "stekd_fleet_expirations_total",
+                "Hosts' reports dropped after fleet.expire without a newer one.",
+                (double)fs.expired);
 }
 
 void stekd_metrics_collect_service(void *arg, stekd_metrics_out *o)
@@ -471,6 +526,7 @@ void stekd_metrics_collect_service(void *arg, stekd_metrics_out *o)
                 (double)ps.reconnects);
 
     put_groups(s, o, now);
+    put_fleet(s, o, now);
 
     stekd_rpc_stats rs = {0};
     if (s->rpc != NULL)

@@ -8,8 +8,8 @@
  *     lock on any request path;
  *   - collectors, called at scrape time, that read what other modules
  *     already keep (group views, the wrap cache, watch streams, the audit
- *     log). A later module adds its own collector, e.g. the fleet reports'
- *     "hosts by epoch held" and "lagging hosts" families.
+ *     log, the hosts' reports: hosts by epoch held and lagging hosts). A
+ *     later module may add its own collector.
  *
  * Nothing here ever sees key material or key names: metrics carry group
  * names, epochs, counts and durations.
@@ -48,6 +48,9 @@ void stekd_metrics_fetch_done(stekd_metrics *m, int code);
 /* A WatchKeySet stream ended with `code` (refused at start, ended by the
  * server, or CANCELLED when the host went away). */
 void stekd_metrics_watch_done(stekd_metrics *m, int code);
+
+/* A ReportStatus call answered with `code`. */
+void stekd_metrics_report_done(stekd_metrics *m, int code);
 
 /* One C_* call: a stek_p11_call_observer; arg is the registry. */
 void stekd_metrics_hsm_call(void *m, const char *call, uint64_t ns, bool ok);
@@ -91,8 +94,9 @@ STEK_MUST_USE stek_status stekd_metrics_render(stekd_metrics *m, char **text, si
 
 /*
  * The service's own collector: groups (generation, epoch, keys, next
- * rotation, refused jumps), the HSM (a probe per scrape, reconnects), the
- * wrap cache, watch streams and the audit log. arg is a
+ * rotation, refused jumps, and from the hosts' reports, hosts by state and
+ * by epoch held), the HSM (a probe per scrape, reconnects), the wrap
+ * cache, watch streams and the audit log. arg is a
  * stekd_metrics_sources that outlives the registry's HTTP server.
  */
 typedef struct stekd_metrics_sources {

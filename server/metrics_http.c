@@ -1,7 +1,7 @@
 /*
- * /metrics over libmicrohttpd. The socket is bound here rather than by
- * MHD, so a busy or wrong address fails start-up with its errno, and the
- * port is known when it was 0.
+ * /metrics and /fleet over libmicrohttpd. The socket is bound here rather
+ * than by MHD, so a busy or wrong address fails start-up with its errno,
+ * and the port is known when it was 0.
  */
 #include "metrics_http.h"
 
@@ -26,6 +26,8 @@
 struct stekd_metrics_http {
     struct MHD_Daemon *d;
     stekd_metrics *m;
+    stekd_metrics_http_fleet_fn fleet;
+    void *fleet_arg;
     int port;
 };
 
@@ -52,6 +54,32 @@ static enum MHD_Result reply_text(struct MHD_Connection *c, unsigned int code, c
     return ret;
 }
 
+/* GET /fleet?group=G: MHD decodes the query; the group is checked by the callback. */
+static enum MHD_Result reply_fleet(stekd_metrics_http *s, struct MHD_Connection *c)
+{
+    const char *group = MHD_lookup_connection_value(c, MHD_GET_ARGUMENT_KIND, "group");
+    if (group == NULL || group[0] == '\0')
+        return reply_text(c, MHD_HTTP_BAD_REQUEST, "usage: /fleet?group=GROUP\n", false);
+    char *body = NULL;
+    size_t len = 0;
+    unsigned code = s->fleet(s->fleet_arg, group, &body, &len);
+    if (code != MHD_HTTP_OK || body == NULL) {
+        free(body);
+        return reply_text(
+            c, code == MHD_HTTP_NOT_FOUND ? MHD_HTTP_NOT_FOUND : MHD_HTTP_INTERNAL_SERVER_ERROR,
+            code == MHD_HTTP_NOT_FOUND ? "no such group\n" : "cannot render the fleet\n", false);
+    }
+    struct MHD_Response *r = MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
+    if (r == NULL) {
+        free(body);
+        return MHD_NO;
+    }
+    MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, "application/json");
+    enum MHD_Result ret = MHD_queue_response(c, MHD_HTTP_OK, r);
+    MHD_destroy_response(r);
+    return ret;
+}
+
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const char *url,
                                   const char *method, const char *version, const char *upload_data,
                                   size_t *upload_data_size, void **req_cls)
@@ -69,6 +97,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *c, const cha
         return MHD_NO; /* a body on GET: not a scraper; drop the connection */
     if (strcmp(method, MHD_HTTP_METHOD_GET) != 0 && strcmp(method, MHD_HTTP_METHOD_HEAD) != 0)
         return reply_text(c, MHD_HTTP_METHOD_NOT_ALLOWED, "only GET and HEAD\n", true);
+    if (s->fleet != NULL && strcmp(url, "/fleet") == 0)
+        return reply_fleet(s, c);
     if (strcmp(url, "/metrics") != 0)
         return reply_text(c, MHD_HTTP_NOT_FOUND, "not found; metrics are at /metrics\n", false);
 
@@ -149,13 +179,17 @@ done:
     return st;
 }
 
-stek_status stekd_metrics_http_start(const char *addr, stekd_metrics *m, stekd_metrics_http **out)
+stek_status stekd_metrics_http_start(const char *addr, stekd_metrics *m,
+                                     stekd_metrics_http_fleet_fn fleet, void *fleet_arg,
+                                     stekd_metrics_http **out)
 {
     STEK_ENSURE(addr != NULL && m != NULL && out != NULL, STEK_ERR_INVALID_ARG);
     *out = NULL;
     stekd_metrics_http *s = calloc(1, sizeof(*s));
     STEK_ENSURE(s != NULL, STEK_ERR_NOMEM);
     s->m = m;
+    s->fleet = fleet;
+    s->fleet_arg = fleet_arg;
     int fd = -1;
     stek_status st = bind_listen(addr, &fd, &s->port);
     if (st != STEK_OK) {

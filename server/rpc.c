@@ -2,7 +2,7 @@
  * The gRPC core server. Threads poll one completion queue; every event's tag
  * points at a small struct whose first member says what completed.
  *
- * Unary calls (GetKeySet, Health/Check) arrive with their payload
+ * Unary calls (GetKeySet, ReportStatus, Health/Check) arrive with their payload
  * (GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER) and are answered with one
  * batch. A watch stream is a `watcher`: the first set goes out at once; a
  * ticker thread sends a new set when the group's view changes (after a
@@ -31,6 +31,7 @@
 #include <openssl/rand.h>
 
 #include "audit.h"
+#include "fleet.h"
 #include "grpc/health/v1/health.pb-c.h"
 #include "log.h"
 #include "metrics.h"
@@ -45,6 +46,7 @@ typedef enum kind {
     K_NEW_GET,
     K_NEW_WATCH,
     K_NEW_HEALTH,
+    K_NEW_REPORT,
     K_NEW_OTHER, /* any unregistered method: answered UNIMPLEMENTED */
     K_NEW_ECHO,  /* benchmark echo (STEKD_BENCH_ECHO=1 only) */
     K_UNARY_DONE,
@@ -105,7 +107,7 @@ struct stekd_rpc {
     const stekd_handler *h;
     grpc_server *server;
     grpc_completion_queue *cq;
-    void *m_get, *m_watch, *m_health;
+    void *m_get, *m_watch, *m_health, *m_report;
     void *m_echo; /* benchmark echo: NULL unless STEKD_BENCH_ECHO=1 */
     int port;
     pthread_t *threads;
@@ -241,10 +243,11 @@ static void request_next(stekd_rpc *r, kind k)
     if (k == K_NEW_OTHER) {
         e = grpc_server_request_call(r->server, &in->call, &in->details, &in->md, r->cq, r->cq, in);
     } else {
-        void *method = k == K_NEW_GET     ? r->m_get
-                       : k == K_NEW_WATCH ? r->m_watch
-                       : k == K_NEW_ECHO  ? r->m_echo
-                                          : r->m_health;
+        void *method = k == K_NEW_GET      ? r->m_get
+                       : k == K_NEW_WATCH  ? r->m_watch
+                       : k == K_NEW_REPORT ? r->m_report
+                       : k == K_NEW_ECHO   ? r->m_echo
+                                           : r->m_health;
         e = grpc_server_request_registered_call(r->server, method, &in->call, &in->deadline,
                                                 &in->md, &in->payload, r->cq, r->cq, in);
     }
@@ -378,6 +381,35 @@ static void on_get(stekd_rpc *r, incoming *in)
         stekd_keyset_unref(rep.ks);
     }
     stekd_metrics_fetch_done(r->h->metrics, code);
+    free(bytes);
+    peer_free(&pb);
+    in->call = NULL;
+}
+
+/* ---- ReportStatus ------------------------------------------------------- */
+
+static void on_report(stekd_rpc *r, incoming *in)
+{
+    peer_buf pb;
+    peer_read(in->call, &pb);
+    uint8_t *bytes = NULL;
+    size_t len = 0;
+    char details[256] = "";
+    char peer[STEKD_FLEET_PEER_MAX];
+    peer_address(in->call, peer, sizeof(peer));
+    grpc_status_code code;
+    if (!bb_read(in->payload, &bytes, &len))
+        code = GRPC_STATUS_INVALID_ARGUMENT, snprintf(details, sizeof(details), "no request");
+    else
+        code = stekd_handle_report(r->h, &pb.p, peer, bytes, len, details, sizeof(details));
+    if (code != GRPC_STATUS_OK) {
+        log_refusal("ReportStatus", &pb, code, details);
+        answer(in->call, code, details, NULL, 0);
+    } else {
+        /* An empty ReportStatusResponse: zero bytes. */
+        answer(in->call, GRPC_STATUS_OK, "", (const uint8_t *)"", 0);
+    }
+    stekd_metrics_report_done(r->h->metrics, code);
     free(bytes);
     peer_free(&pb);
     in->call = NULL;
@@ -731,6 +763,7 @@ static void dispatch(stekd_rpc *r, void *tag, bool ok)
     case K_NEW_GET:
     case K_NEW_WATCH:
     case K_NEW_HEALTH:
+    case K_NEW_REPORT:
     case K_NEW_OTHER:
     case K_NEW_ECHO: {
         incoming *in = tag;
@@ -745,6 +778,8 @@ static void dispatch(stekd_rpc *r, void *tag, bool ok)
             on_watch(r, in);
         } else if (k == K_NEW_HEALTH) {
             on_health(r, in);
+        } else if (k == K_NEW_REPORT) {
+            on_report(r, in);
         } else if (k == K_NEW_ECHO) {
             on_echo(in);
         } else {
@@ -913,6 +948,8 @@ stek_status stekd_rpc_start(const stekd_handler *h, unsigned threads, stekd_rpc 
                                              GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
     r->m_health = grpc_server_register_method(r->server, "/grpc.health.v1.Health/Check", NULL,
                                               GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
+    r->m_report = grpc_server_register_method(r->server, "/stek.v1.KeyService/ReportStatus", NULL,
+                                              GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
     /* Benchmark echo: read once, here; see on_echo. */
     const char *echo_env = getenv("STEKD_BENCH_ECHO");
     if (echo_env != NULL && strcmp(echo_env, "1") == 0) {
@@ -945,6 +982,7 @@ stek_status stekd_rpc_start(const stekd_handler *h, unsigned threads, stekd_rpc 
     for (unsigned i = 0; i < threads * 2; i++) {
         request_next(r, K_NEW_GET);
         request_next(r, K_NEW_WATCH);
+        request_next(r, K_NEW_REPORT);
         if (r->m_echo != NULL)
             request_next(r, K_NEW_ECHO);
     }

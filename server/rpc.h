@@ -1,8 +1,8 @@
 /*
  * stekd's gRPC transport (gRPC core 1.51, which is not a stable API: every
  * grpc_* call of the server lives in rpc.c). Mutual TLS with required,
- * verified client certificates; KeyService/GetKeySet, KeyService/WatchKeySet
- * and grpc.health.v1.Health/Check.
+ * verified client certificates; KeyService/GetKeySet, KeyService/WatchKeySet,
+ * KeyService/ReportStatus and grpc.health.v1.Health/Check.
  */
 #ifndef STEK_SERVER_RPC_H
 #define STEK_SERVER_RPC_H

@@ -17,7 +17,8 @@
  *
  * This file holds main, the shared helpers and the commands that shape a
  * group's generations (init, group add, rekey, advance); `keys` is in
- * stekctl_keys.c, the replica seeding commands in stekctl_chain.c.
+ * stekctl_keys.c, the replica seeding commands in stekctl_chain.c, `fetch`
+ * in stekctl_fetch.c and `fleet` (no HSM: it asks stekd) in stekctl_fleet.c.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -62,6 +63,10 @@ static const char usage_text[] =
     "        [--server-name NAME] [--timeout MS]\n"
     "                                 debugging client: GetKeySet as a host would, then\n"
     "                                 print the set's metadata and whether it is accepted\n"
+    "  fleet GROUP [--json] [--url URL]... [--timeout MS]\n"
+    "                                 which hosts hold which epoch, who lags and since when,\n"
+    "                                 resumption hits per host; read from stekd's\n"
+    "                                 metrics.listen (or each replica's --url http://H:P)\n"
     "\n"
     "The user PIN comes from --pin-file or the variable named by hsm.pin_env, the SO PIN\n"
     "from --so-pin-file or hsm.so_pin_env; never from the command line.\n"
@@ -593,6 +598,7 @@ static const command commands[] = {
     {"export-chain", stekctl_cmd_export_chain},
     {"import-chain", stekctl_cmd_import_chain},
     {"fetch", stekctl_cmd_fetch},
+    {"fleet", stekctl_cmd_fleet},
 };
 
 int main(int argc, char **argv)

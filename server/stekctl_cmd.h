@@ -81,5 +81,6 @@ STEK_MUST_USE stek_status stekctl_cmd_fetch(stekctl *c, int argc, char **argv);
 STEK_MUST_USE stek_status stekctl_cmd_transport_create(stekctl *c, int argc, char **argv);
 STEK_MUST_USE stek_status stekctl_cmd_export_chain(stekctl *c, int argc, char **argv);
 STEK_MUST_USE stek_status stekctl_cmd_import_chain(stekctl *c, int argc, char **argv);
+STEK_MUST_USE stek_status stekctl_cmd_fleet(stekctl *c, int argc, char **argv);
 
 #endif

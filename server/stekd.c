@@ -19,6 +19,7 @@
 
 #include "audit.h"
 #include "config.h"
+#include "fleet.h"
 #include "keyset.h"
 #include "log.h"
 #include "metrics.h"
@@ -70,6 +71,21 @@ static void *scheduler_main(void *arg)
     }
     pthread_mutex_unlock(&s->mu);
     return NULL;
+}
+
+/* GET /fleet?group=G on the metrics address (metrics_http.h). */
+static unsigned fleet_json(void *arg, const char *group, char **body, size_t *len)
+{
+    const stekd_handler *h = arg;
+    const int64_t now = stekd_now();
+    stekd_fleet_group g;
+    if (!stekd_handle_fleet_group(h, group, now, &g))
+        return 404;
+    if (stekd_fleet_json(h->fleet, &g, now, body, len) != STEK_OK) {
+        stek_log(STEK_LOG_WARN, "stekd", "fleet of %s: %s", group, stek_error_detail());
+        return 500;
+    }
+    return 200;
 }
 
 static void usage(FILE *f)
@@ -150,6 +166,7 @@ int main(int argc, char **argv)
     stekd_state *state = NULL;
     stekd_cache *cache = NULL;
     stekd_vcache *vcache = NULL;
+    stekd_fleet *fleet = NULL;
     stekd_rpc *rpc = NULL;
     stekd_audit *audit = NULL;
     stekd_metrics *metrics = NULL;
@@ -210,12 +227,13 @@ int main(int argc, char **argv)
     }
     (void)stekd_state_refresh(state, stekd_now());
 
-    if (stekd_vcache_new(STEKD_VCACHE_ENTRIES, &vcache) != STEK_OK) {
+    if (stekd_vcache_new(STEKD_VCACHE_ENTRIES, &vcache) != STEK_OK ||
+        stekd_fleet_new(cfg->fleet_max_hosts, cfg->fleet_expire_s, &fleet) != STEK_OK) {
         stek_log(STEK_LOG_ERROR, "stekd", "start-up: %s", stek_error_detail());
         rc = EXIT_HSM;
         goto done;
     }
-    stekd_handler h = {cfg, p11, state, cache, vcache, metrics, audit};
+    stekd_handler h = {cfg, p11, state, cache, vcache, metrics, audit, fleet};
     if (stekd_rpc_start(&h, threads, &rpc) != STEK_OK) {
         stek_log(STEK_LOG_ERROR, "stekd", "listen: %s", stek_error_detail());
         rc = EXIT_NET;
@@ -225,12 +243,14 @@ int main(int argc, char **argv)
     if (metrics != NULL) {
         if (stekd_metrics_add_collector(metrics, stekd_metrics_collect_service, &sources) !=
                 STEK_OK ||
-            stekd_metrics_http_start(cfg->metrics_listen, metrics, &mhttp) != STEK_OK) {
+            stekd_metrics_http_start(cfg->metrics_listen, metrics, fleet_json, &h, &mhttp) !=
+                STEK_OK) {
             stek_log(STEK_LOG_ERROR, "stekd", "metrics listen: %s", stek_error_detail());
             rc = EXIT_NET;
             goto done;
         }
-        stek_log(STEK_LOG_INFO, "stekd", "metrics listening on %s (port %d), path /metrics",
+        stek_log(STEK_LOG_INFO, "stekd",
+                 "metrics listening on %s (port %d), paths /metrics and /fleet",
                  cfg->metrics_listen, stekd_metrics_http_port(mhttp));
     }
     unsigned long watchdog_ms = 0;
@@ -283,6 +303,7 @@ done:
     stekd_rpc_stop(rpc, 3000);
     stekd_cache_free(cache);
     stekd_vcache_free(vcache);
+    stekd_fleet_free(fleet); /* after the RPC threads that fill it */
     stekd_state_free(state);
     free(pem);
     stek_p11_close(p11);

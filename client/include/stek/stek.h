@@ -283,8 +283,12 @@ STEK_API stek_result stek_options_keep_session_id_context(stek_options *o, bool 
 /*
  * Creates a client from o: reads and checks the key files, the CA and the
  * state directory's high-water marks, and starts its background threads
- * (one per group), which fetch and watch the groups' keys. Returns at once
- * (no network wait); see stek_client_wait_ready.
+ * (one per group), which fetch and watch the groups' keys, and one that
+ * reports to stekd what the client holds (per group: generation, current
+ * epoch, key names and the ticket counters below; never key material), for
+ * `stekctl fleet` and stekd's metrics: after each set accepted and every
+ * 10 s, over the same connections; a failed report changes nothing. Returns
+ * at once (no network wait); see stek_client_wait_ready.
  * With the sealed cache set (stek_options_set_cache), it also loads the
  * cache file, if any, and installs its keys that are still live (no
  * network either): the client may then be ready on return.
@@ -341,9 +345,10 @@ STEK_API stek_result stek_client_attach(stek_client *c, SSL_CTX *ctx);
 STEK_API stek_result stek_client_get_counters(const stek_client *c, stek_counters *out);
 
 /*
- * Stops the background threads (within about a second), detaches from every
- * attached context (which then issue no tickets and resume none of ours),
- * drops its references to them, cleanses every key and frees the client.
+ * Stops the background threads (within about a second; a report in flight
+ * is cancelled), detaches from every attached context (which then issue no
+ * tickets and resume none of ours), drops its references to them, cleanses
+ * every key and frees the client.
  * No handshake may run on an attached context during the call. Not
  * thread-safe with any other call on c. NULL is a no-op.
  */
