@@ -17,6 +17,8 @@
 #include <string.h>
 #include <time.h>
 
+#include <openssl/crypto.h>
+
 #include "audit.h"
 #include "config.h"
 #include "fleet.h"
@@ -199,6 +201,15 @@ int main(int argc, char **argv)
         stek_log(STEK_LOG_ERROR, "stekd", "HSM: %s", stek_error_detail());
         rc = EXIT_HSM;
         goto done;
+    }
+    /* The layer keeps the PIN in locked memory for reconnects. The
+     * variable's copy would stay readable in /proc/PID/environ and in
+     * core files: overwrite it in place, then drop it. */
+    if (pc.pin_env != NULL) {
+        char *v = getenv(pc.pin_env);
+        if (v != NULL)
+            OPENSSL_cleanse(v, strlen(v));
+        unsetenv(pc.pin_env);
     }
     /* HSM call latencies, before any other thread uses the handle. */
     if (metrics != NULL)

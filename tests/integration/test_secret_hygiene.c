@@ -485,6 +485,32 @@ static void test_stekd_memory_after_get(void **state)
     assert_stekd_clean("after GetKeySet");
 }
 
+/*
+ * The HSM PIN reaches stekd in the variable the config names; stekd keeps
+ * it in locked memory and overwrites and drops the variable, so the PIN is
+ * not in /proc/PID/environ (which anyone with ptrace rights, and core files,
+ * would show). Control: the variable is in the test's own environment.
+ */
+static void test_stekd_environ_has_no_pin(void **state)
+{
+    (void)state;
+    assert_non_null(getenv(d.tok.pin_env));
+    char path[64];
+    snprintf(path, sizeof(path), "/proc/%d/environ", (int)d.pid);
+    FILE *f = fopen(path, "re");
+    assert_non_null(f);
+    static char env[1 << 16];
+    size_t n = fread(env, 1, sizeof(env) - 1, f);
+    fclose(f);
+    assert_true(n > 0);
+    assert_true(n < sizeof(env) - 1);
+    assert_null(memmem(env, n, d.tok.pin, strlen(d.tok.pin)));
+    /* The kernel shows the process's initial environment block: the
+     * variable's name stays there, its value is zeros now. */
+    /* Something else of the environment is there: the file was read. */
+    assert_non_null(memmem(env, n, "SOFTHSM2_CONF=", 14));
+}
+
 static void test_stekd_memory_after_watch_rotation(void **state)
 {
     (void)state;
@@ -1058,6 +1084,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_stekd_memory_after_get),
         cmocka_unit_test(test_stekd_memory_after_watch_rotation),
+        cmocka_unit_test(test_stekd_environ_has_no_pin),
         cmocka_unit_test(test_stekctl_fetch),
         cmocka_unit_test_setup_teardown(test_host_memory_after_retire, redirect_stderr,
                                         restore_stderr),
