@@ -64,6 +64,7 @@ typedef struct agent_config {
     char *state_dir; /* may be NULL */
     bool strict;
     uint64_t retry_min_ms, retry_max_ms;
+    char *metrics_file; /* node-exporter textfile output, or NULL */
     agent_target_cfg targets[AGENT_MAX_TARGETS];
     size_t n_targets;
 } agent_config;
@@ -156,6 +157,33 @@ STEK_MUST_USE stek_status agent_write_manifest(const agent_target_cfg *t, const 
 
 /* Prints what each target of cfg holds, from its manifest. Returns an exit code. */
 int agent_status(const agent_config *cfg);
+
+/* One target's state, for the metrics file. */
+typedef struct agent_target_metrics {
+    const agent_target_cfg *cfg;
+    bool attempted, ok;
+    uint64_t generation, encrypt_epoch;
+    size_t keys;
+    unsigned consecutive_failures;
+    uint64_t applies_ok, applies_failed;
+    int64_t last_success_unix; /* 0: never */
+} agent_target_metrics;
+
+/* The agent's own state, for the metrics file. */
+typedef struct agent_metrics {
+    bool stream_up;
+    uint64_t sets_accepted, sets_rejected;
+    int64_t last_fetch_unix;
+    const agent_target_metrics *targets;
+    size_t n_targets;
+} agent_metrics;
+
+/*
+ * Writes m to path in Prometheus' text format, for node_exporter's textfile
+ * collector: atomically (temporary file, rename), mode 0644, names and
+ * numbers only, never key material. STEK_OK, or STEK_ERR_IO / _NOMEM.
+ */
+STEK_MUST_USE stek_status agent_metrics_write(const char *path, const agent_metrics *m);
 
 /* Scans a server config for settings that break shared keys (checks.c). */
 typedef struct agent_server_checks {

@@ -12,6 +12,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <stdint.h>
 #include <time.h>
 
 #include <openssl/rand.h>
@@ -29,6 +30,8 @@
 /* HAProxy's ring can change under us (a restart, another writer): check it this often. */
 #define HAPROXY_VERIFY_NS (5LL * 1000000000LL)
 #define NS 1000000000LL
+/* The metrics file is rewritten after every apply, and at least this often. */
+#define METRICS_EVERY_NS (5LL * NS)
 
 static atomic_bool stop_requested;
 
@@ -48,6 +51,9 @@ typedef struct target_state {
     unsigned failures;
     int64_t retry_at, last_apply; /* CLOCK_BOOTTIME ns */
     bool checked_timeouts;
+    /* For the metrics file. */
+    uint64_t encrypt_epoch, applies_ok, applies_failed;
+    int64_t last_success_unix;
 } target_state;
 
 static void usage(FILE *f)
@@ -231,6 +237,13 @@ static bool attempt(const agent_config *cfg, target_state *s, const agent_view *
     s->last_apply = now;
     stek_status st = apply(t, v);
     record(s, v, st == STEK_OK);
+    if (st == STEK_OK) {
+        s->applies_ok++;
+        s->encrypt_epoch = v->n > 0 ? v->keys[0].epoch : 0;
+        s->last_success_unix = (int64_t)time(NULL);
+    } else {
+        s->applies_failed++;
+    }
     char err[300] = "";
     if (st == STEK_OK) {
         if (s->failures > 0)
@@ -313,6 +326,48 @@ static void sleep_ms(long ms)
     nanosleep(&ts, NULL); /* a signal ends it early: the loop checks the stop flag */
 }
 
+/* Writes the metrics file when one is configured; a failure is logged once
+ * per streak and never stops the agent. */
+static void write_metrics(const agent_config *cfg, stek_client *c, const target_state *ts)
+{
+    static bool failing;
+    if (cfg->metrics_file == NULL)
+        return;
+    agent_target_metrics tm[AGENT_MAX_TARGETS];
+    for (size_t i = 0; i < cfg->n_targets; i++) {
+        const target_state *s = &ts[i];
+        tm[i] = (agent_target_metrics){
+            .cfg = s->cfg,
+            .attempted = s->attempted,
+            .ok = s->ok,
+            .generation = s->generation,
+            .encrypt_epoch = s->encrypt_epoch,
+            .keys = s->n,
+            .consecutive_failures = s->failures,
+            .applies_ok = s->applies_ok,
+            .applies_failed = s->applies_failed,
+            .last_success_unix = s->last_success_unix,
+        };
+    }
+    stek_counters k = {0};
+    (void)stek_client_get_counters(c, &k);
+    agent_metrics m = {
+        .stream_up = k.stream_up,
+        .sets_accepted = k.sets_accepted,
+        .sets_rejected = k.sets_rejected,
+        .last_fetch_unix = k.last_fetch_unix,
+        .targets = tm,
+        .n_targets = cfg->n_targets,
+    };
+    if (agent_metrics_write(cfg->metrics_file, &m) != STEK_OK) {
+        if (!failing)
+            stek_log(STEK_LOG_WARN, COMPONENT, "metrics file not written: %s", stek_error_detail());
+        failing = true;
+    } else {
+        failing = false;
+    }
+}
+
 static int run_once(const agent_config *cfg, stek_client *c, target_state *ts)
 {
     int rc = AGENT_EXIT_OK;
@@ -331,14 +386,16 @@ static int run_once(const agent_config *cfg, stek_client *c, target_state *ts)
             rc = AGENT_EXIT_FAILED;
         view_free(&v);
     }
+    write_metrics(cfg, c, ts);
     return rc;
 }
 
 static int run_loop(const agent_config *cfg, stek_client *c, target_state *ts)
 {
     bool ready_sent = false;
+    int64_t last_metrics = INT64_MIN / 2;
     while (!atomic_load(&stop_requested)) {
-        bool all_ok = true;
+        bool all_ok = true, applied_now = false;
         for (size_t i = 0; i < cfg->n_targets; i++) {
             target_state *s = &ts[i];
             agent_view v;
@@ -358,9 +415,16 @@ static int run_loop(const agent_config *cfg, stek_client *c, target_state *ts)
                 /* A changed view goes out at once, even during a backoff: a key
                  * that expired must leave now. */
                 attempt(cfg, s, &v, verify && !changed);
+                applied_now = true;
             }
             all_ok = all_ok && s->attempted && s->ok;
             view_free(&v);
+        }
+        /* Every few seconds: the stream and fetch figures move on their own. */
+        const int64_t now = stek_boottime_ns();
+        if (applied_now || now - last_metrics >= METRICS_EVERY_NS) {
+            write_metrics(cfg, c, ts);
+            last_metrics = now;
         }
         if (all_ok && !ready_sent) {
             notify("READY=1\nSTATUS=every target holds its keys");

@@ -325,7 +325,8 @@ static stek_status load_target(const loader *ld, const config_setting_t *t, size
 
 static stek_status load_root(const loader *ld, const config_setting_t *root, agent_config *cfg)
 {
-    static const char *const names[] = {"stekd", "strict", "retry", "targets", NULL};
+    static const char *const names[] = {"stekd",        "strict",  "retry",
+                                        "metrics_file", "targets", NULL};
     STEK_GUARD(check_names(ld, root, "", names));
     STEK_GUARD(load_stekd(ld, root, cfg));
     const config_setting_t *s = config_setting_get_member(root, "strict");
@@ -334,6 +335,7 @@ static stek_status load_root(const loader *ld, const config_setting_t *root, age
             return fail_at(ld, s, "\"strict\" must be true or false");
         cfg->strict = config_setting_get_bool(s) != 0;
     }
+    STEK_GUARD(get_path(ld, root, "", "metrics_file", false, &cfg->metrics_file));
     cfg->retry_min_ms = DEFAULT_RETRY_MIN_MS;
     cfg->retry_max_ms = DEFAULT_RETRY_MAX_MS;
     const config_setting_t *r = config_setting_get_member(root, "retry");
@@ -432,6 +434,7 @@ void agent_config_free(agent_config *cfg)
     free(cfg->cert);
     free(cfg->key);
     free(cfg->state_dir);
+    free(cfg->metrics_file);
     for (size_t i = 0; i < AGENT_MAX_TARGETS; i++) {
         agent_target_cfg *t = &cfg->targets[i];
         free(t->name);
