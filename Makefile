@@ -5,6 +5,7 @@
 #   make test-sanitize   the same under ASan+UBSan, in its own build tree
 #   make test-tsan       the client's threaded tests (CTest label tsan) under
 #                        ThreadSanitizer, in its own build tree
+#   make fuzz            every libFuzzer target (tests/fuzz) for FUZZ_SECONDS each
 #   make build           configure and build only
 #   make clean           remove both build trees
 #   make format          clang-format every tracked .c/.h file
@@ -71,8 +72,16 @@ test-tsan: deps
 	$(call run-ctest,$(TSAN_BUILD_DIR),-L tsan)
 
 clean:
-	rm -rf $(BUILD_DIR) $(SANITIZE_BUILD_DIR) $(TSAN_BUILD_DIR) .demo
+	rm -rf $(BUILD_DIR) $(SANITIZE_BUILD_DIR) $(TSAN_BUILD_DIR) build-fuzz .demo
 
 format:
 	@command -v clang-format >/dev/null || { echo "clang-format not found (apt-get install clang-format)" >&2; exit 1; }
 	git ls-files -z -- '*.c' '*.h' | xargs -0 -r clang-format -i
+
+# make fuzz: every libFuzzer target of tests/fuzz for FUZZ_SECONDS each (clang,
+# ASan+UBSan, in FUZZ_BUILD_DIR; ci/fuzz.sh prints execs, exec/s and crashes).
+FUZZ_SECONDS   ?= 600
+FUZZ_BUILD_DIR ?= build-fuzz
+.PHONY: fuzz
+fuzz: deps
+	FUZZ_SECONDS=$(FUZZ_SECONDS) FUZZ_BUILD_DIR=$(FUZZ_BUILD_DIR) JOBS=$(JOBS) bash ci/fuzz.sh
