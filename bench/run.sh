@@ -1,16 +1,21 @@
 #!/usr/bin/env bash
 # Builds and runs the benchmarks, printing their tables: bench_stekd (stekd
-# over mTLS, bench/bench_stekd.c) and bench_resume (libstek's ticket callback
-# against OpenSSL's built-in ticket keys, bench/bench_resume.c).
+# over mTLS, bench/bench_stekd.c), bench_resume (libstek's ticket callback
+# against OpenSSL's built-in ticket keys, bench/bench_resume.c) and, only when
+# named, bench_load (one stekd under 10,000 hosts and 2,000 watch streams,
+# bench/bench_load.c).
 #
-#   bench/run.sh [stekd|resume]...   default: both; build dir: build-bench
-#                                    (Release), created if missing
+#   bench/run.sh [stekd|resume|load]...   default: stekd and resume; build
+#                                    dir: build-bench (Release), created if
+#                                    missing
 #   BUILD_DIR=dir bench/run.sh
 #
 # Knobs read by bench_stekd: STEK_BENCH_WARMUP_MS (1000), STEK_BENCH_RUN_MS
 # (5000, per phase), STEK_BENCH_COLD_POOL (12000 pre-built cold requests).
 # By bench_resume: STEK_BENCH_WARMUP_MS (300), STEK_BENCH_RUN_MS (3000, per
-# run), STEK_BENCH_ROUNDS (3).
+# run), STEK_BENCH_ROUNDS (3). By bench_load: STEK_LOAD_HOSTS (10000),
+# STEK_LOAD_WATCHERS (2000), STEK_LOAD_THREADS (2), STEK_LOAD_INFLIGHT (16
+# per thread), STEK_LOAD_ROTATIONS (4).
 # Figures depend on machine load: run it on a quiet machine, several times.
 set -euo pipefail
 
@@ -19,8 +24,8 @@ build="${BUILD_DIR:-$root/build-bench}"
 benches=("$@")
 [[ ${#benches[@]} -gt 0 ]] || benches=(stekd resume)
 for b in "${benches[@]}"; do
-    [[ $b == stekd || $b == resume ]] || {
-        echo "usage: $0 [stekd|resume]..." >&2
+    [[ $b == stekd || $b == resume || $b == load ]] || {
+        echo "usage: $0 [stekd|resume|load]..." >&2
         exit 2
     }
 done
