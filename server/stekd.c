@@ -15,6 +15,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <time.h>
 
 #include <openssl/crypto.h>
@@ -109,6 +110,23 @@ static int write_port_file(const char *path, int port)
     return rename(tmp, path); /* readers never see a half-written file */
 }
 
+/*
+ * Every host holds its own mTLS connection, so stekd needs a descriptor per
+ * host: raise the soft open-files limit to the hard one (systemd's default
+ * soft limit is 1024; the unit also sets LimitNOFILE). Never fatal.
+ */
+static void raise_nofile(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur >= rl.rlim_max)
+        return;
+    rlim_t was = rl.rlim_cur;
+    rl.rlim_cur = rl.rlim_max;
+    if (setrlimit(RLIMIT_NOFILE, &rl) == 0)
+        stek_log(STEK_LOG_INFO, "stekd", "open files limit raised from %llu to %llu",
+                 (unsigned long long)was, (unsigned long long)rl.rlim_max);
+}
+
 int main(int argc, char **argv)
 {
     const char *config_path = NULL, *pin_file = NULL, *port_file = NULL;
@@ -154,6 +172,8 @@ int main(int argc, char **argv)
         stek_log(STEK_LOG_ERROR, "stekd", "configuration: %s", stek_error_detail());
         return EXIT_USAGE;
     }
+
+    raise_nofile();
 
     /* Signals go to the main thread only: block them before any thread starts. */
     sigset_t sigs;
