@@ -380,6 +380,11 @@ struct stek_client {
     /* Fleet reports to stekd (ReportStatus): the "fleet reports" section at
      * the end of this file. NULL: not reporting. */
     struct stek_reporter *rep;
+
+    /* TEST ONLY: STEK_TEST_CLOCK_OFFSET_MS, read once in stek_client_new, so
+     * that fault tests can run hosts whose wall clocks disagree in one
+     * process. 0 in production. */
+    int64_t test_clock_offset_ns;
 };
 
 static void bump(atomic_uint_fast64_t *c)
@@ -390,6 +395,28 @@ static void bump(atomic_uint_fast64_t *c)
 static bool stopping(stek_client *c)
 {
     return atomic_load(&c->stop);
+}
+
+/*
+ * TEST ONLY: the client's wall clock, shifted by STEK_TEST_CLOCK_OFFSET_MS
+ * (like stekd's STEKD_TEST_CLOCK_OFFSET). Every wall-clock reading of the
+ * client goes through here: the epoch checks of a set, the base of its
+ * keys' deadlines, the cache's times. The ticket callback reads only
+ * CLOCK_BOOTTIME deadlines, so the hot path is unchanged.
+ */
+static int64_t wall_ns(const stek_client *c)
+{
+    return stek_walltime_ns() + c->test_clock_offset_ns;
+}
+
+static void test_clock_offset_read(stek_client *c)
+{
+    const char *v = getenv("STEK_TEST_CLOCK_OFFSET_MS");
+    long long ms = v != NULL ? strtoll(v, NULL, 10) : 0;
+    if (ms == 0 || ms < -86400000LL || ms > 86400000LL)
+        return;
+    c->test_clock_offset_ns = (int64_t)ms * 1000000LL;
+    stek_log(STEK_LOG_WARN, COMPONENT, "test clock offset of %lld ms is in effect", ms);
 }
 
 /* ---- high-water mark file -------------------------------------------------------- */
@@ -614,6 +641,7 @@ stek_result stek_client_new(const stek_options *o, stek_client **out)
     pthread_mutex_init(&c->mu, NULL);
     pthread_mutex_init(&c->wmu, NULL);
     pthread_mutex_init(&c->cmu, NULL);
+    test_clock_offset_read(c); /* TEST ONLY; before the cache is loaded */
     stek_status st = client_init(c, o);
     if (st != STEK_OK) {
         stek_log(STEK_LOG_ERROR, COMPONENT, "client: %s: %s", stek_status_name(st),
@@ -1080,7 +1108,7 @@ static void cache_save(stek_client *c)
     pthread_mutex_lock(&c->cmu);
     pthread_mutex_lock(&c->wmu);
     stek_status st = stek_cache_from_ring(stek_keyring_peek(c->ring), stek_boottime_ns(),
-                                          stek_walltime_ns(), c->host_id, &cc);
+                                          wall_ns(c), c->host_id, &cc);
     pthread_mutex_unlock(&c->wmu);
     if (st == STEK_OK && cc->n_keys == 0) {
         if (unlink(c->cache_path) != 0 && errno != ENOENT)
@@ -1199,7 +1227,7 @@ static stek_status install(stek_client *c, const stek_accepted_set *set)
     stek_ring_key *keys = calloc(set->n_keys, sizeof(*keys));
     STEK_ENSURE(keys != NULL, STEK_ERR_NOMEM);
     const int64_t boot = stek_boottime_ns();
-    STEK_GUARD_GOTO(stek_ring_deadlines(set, boot, stek_walltime_ns(), keys));
+    STEK_GUARD_GOTO(stek_ring_deadlines(set, boot, wall_ns(c), keys));
     stek_ring_input in = {
         .group = set->group,
         .generation = set->generation,
@@ -1257,7 +1285,7 @@ static void on_accepted(stek_group_state *g, const stek_accepted_set *set)
         atomic_store(&c->current_epoch, set->current_epoch);
         atomic_store(&c->generation, set->generation);
     }
-    atomic_store(&c->last_fetch_unix, stek_walltime_ns() / 1000000000LL);
+    atomic_store(&c->last_fetch_unix, wall_ns(c) / 1000000000LL);
     bump(&c->sets_accepted);
     stek_log(STEK_LOG_DEBUG, COMPONENT, "group %s: generation %llu, epoch %llu, %zu keys",
              set->group, (unsigned long long)set->generation,
@@ -1293,7 +1321,7 @@ static stek_status cache_install(stek_client *c, const stek_cache_contents *cc)
             continue;
         stek_group_state *g = &c->groups[gi];
         const int64_t boot = stek_boottime_ns();
-        STEK_GUARD_GOTO(stek_cache_deadlines(cc, i, boot, stek_walltime_ns(), keys));
+        STEK_GUARD_GOTO(stek_cache_deadlines(cc, i, boot, wall_ns(c), keys));
         stek_ring_input in = {
             .group = cg->name,
             .generation = cg->generation,
@@ -1344,7 +1372,7 @@ static void cache_load(stek_client *c, EVP_PKEY *sealing_priv)
     }
     stek_cache_expect x = {
         .host_id = c->host_id,
-        .wall_now = stek_walltime_ns(),
+        .wall_now = wall_ns(c),
         .n_groups = c->n_groups,
         .groups = names,
         .generation_hwm = hwm,
@@ -1402,7 +1430,7 @@ static bool handle(stek_group_state *g, const uint8_t *msg, size_t len)
         .nonce_len = sizeof(g->nonce),
         .group = g->name,
         .sched = g->sched_pinned ? &g->sched : NULL,
-        .now = stek_walltime_ns() / 1000000000LL,
+        .now = wall_ns(c) / 1000000000LL,
         .generation_hwm = g->generation_hwm,
         .current_epoch_hwm = g->current_epoch_hwm,
     };

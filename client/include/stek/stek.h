@@ -296,6 +296,12 @@ STEK_API stek_result stek_options_keep_session_id_context(stek_options *o, bool 
  * missing or a server name is mapped to a group not added; IO when a file cannot be read, or the
  * high-water mark file is corrupt; CRYPTO when a key is unusable; NO_MEMORY.
  * A rejected cache file is not an error (see stek_options_set_cache).
+ *
+ * TEST ONLY, not part of the API: the environment variable
+ * STEK_TEST_CLOCK_OFFSET_MS (milliseconds, may be negative, at most a day),
+ * read once here, shifts this client's wall clock (its epoch checks, key
+ * deadlines and cache times; a warning is logged), so that tests can run
+ * hosts with skewed clocks in one process. Never set it in production.
  */
 STEK_API stek_result stek_client_new(const stek_options *o, stek_client **out);
 
