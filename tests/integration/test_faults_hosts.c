@@ -113,14 +113,11 @@ static stek_client *host_client(const fx_cert *cert, const char *cache_path)
 
 static SSL_CTX *server_ctx(stek_client *c)
 {
-    SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
-    if (ctx == NULL || SSL_CTX_use_certificate_chain_file(ctx, d.server.cert_path) != 1 ||
-        SSL_CTX_use_PrivateKey_file(ctx, d.server.key_path, SSL_FILETYPE_PEM) != 1 ||
-        stek_client_attach(c, ctx) != STEK_RESULT_OK) {
+    SSL_CTX *ctx = fx_tls_server_ctx(d.server.cert_path, d.server.key_path);
+    if (ctx != NULL && stek_client_attach(c, ctx) != STEK_RESULT_OK) {
         SSL_CTX_free(ctx);
         return NULL;
     }
-    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF); /* tickets only */
     return ctx;
 }
 

@@ -68,15 +68,7 @@ static stek_client *client_for(const fx_cert *cert, const char *target, const ch
 
 static SSL_CTX *server_ctx(void)
 {
-    SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
-    if (ctx == NULL || SSL_CTX_use_certificate_chain_file(ctx, d.server.cert_path) != 1 ||
-        SSL_CTX_use_PrivateKey_file(ctx, d.server.key_path, SSL_FILETYPE_PEM) != 1) {
-        SSL_CTX_free(ctx);
-        return NULL;
-    }
-    /* No server-side cache: a resumption can only come from a ticket. */
-    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
-    return ctx;
+    return fx_tls_server_ctx(d.server.cert_path, d.server.key_path);
 }
 
 static int setup(void **state)

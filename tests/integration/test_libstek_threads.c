@@ -69,15 +69,7 @@ static stek_client *client_for(const fx_cert *cert)
 
 static SSL_CTX *server_ctx(void)
 {
-    SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
-    if (ctx == NULL || SSL_CTX_use_certificate_chain_file(ctx, d.server.cert_path) != 1 ||
-        SSL_CTX_use_PrivateKey_file(ctx, d.server.key_path, SSL_FILETYPE_PEM) != 1) {
-        SSL_CTX_free(ctx);
-        return NULL;
-    }
-    /* No server-side cache: a resumption can only come from a ticket. */
-    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
-    return ctx;
+    return fx_tls_server_ctx(d.server.cert_path, d.server.key_path);
 }
 
 static int setup(void **state)
@@ -196,7 +188,8 @@ static void test_handshakes_during_rotations(void **state)
         ea = epoch_of(client_a);
         eb = epoch_of(client_b);
         clock_gettime(CLOCK_MONOTONIC, &now);
-    } while ((ea < e0 + ROTATIONS || eb < e0 + ROTATIONS) && now.tv_sec - start.tv_sec < DEADLINE_S);
+    } while ((ea < e0 + ROTATIONS || eb < e0 + ROTATIONS) &&
+             now.tv_sec - start.tv_sec < DEADLINE_S);
     atomic_store(&stop, true);
     for (int i = 0; i < 2; i++)
         assert_int_equal(pthread_join(th[i], NULL), 0);

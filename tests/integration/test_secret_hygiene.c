@@ -665,11 +665,8 @@ static stek_client *lib_client(void)
 
 static SSL_CTX *server_ctx(void)
 {
-    SSL_CTX *ctx = SSL_CTX_new(TLS_server_method());
+    SSL_CTX *ctx = fx_tls_server_ctx(d.server.cert_path, d.server.key_path);
     assert_non_null(ctx);
-    assert_int_equal(SSL_CTX_use_certificate_chain_file(ctx, d.server.cert_path), 1);
-    assert_int_equal(SSL_CTX_use_PrivateKey_file(ctx, d.server.key_path, SSL_FILETYPE_PEM), 1);
-    SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
     return ctx;
 }
 
