@@ -210,11 +210,37 @@ stek_status stek_ring_build(const stek_ring *prev, const stek_ring_input *update
             count = prev->groups[g].count;
         }
         r->groups[g].first = n;
+        /* Whether this update continues a generation this host already
+         * holds keys of (not its first set, not a rekey). */
+        const bool continues = update != NULL && g == upd_g && upd_prev >= 0 &&
+                               prev->groups[upd_prev].generation == update->generation &&
+                               prev->groups[upd_prev].count > 0;
         for (size_t i = 0; i < count; i++) {
             if (src[i].dec_until <= boot_now)
                 continue; /* expired: dropped (and its name remembered below) */
             r->keys[n] = src[i];
             r->keys[n].group = (uint32_t)g;
+            /*
+             * A key already due to encrypt that this host never held, not
+             * even as `next` (the service was out of reach across an epoch
+             * boundary), would make tickets that peers still on the older
+             * set cannot decrypt. It waits min(epoch/2, 10 s) while an older
+             * key of the generation that this host held still decrypts;
+             * that key encrypts meanwhile, and every peer has it.
+             */
+            if (continues && src[i].enc_from <= boot_now &&
+                !name_in(prev, src_mat + i * STEK_RING_ENTRY_BYTES)) {
+                /* Half an epoch at most: the key must still get its turn. */
+                int64_t half = (src[i].enc_until - src[i].enc_from) / 2;
+                int64_t grace =
+                    half > 0 && half < STEK_RING_UNSEEN_GRACE_NS ? half : STEK_RING_UNSEEN_GRACE_NS;
+                bool older = false;
+                for (size_t j = r->groups[g].first; j < n && !older; j++)
+                    older = r->keys[j].dec_until > boot_now + grace &&
+                            name_in(prev, mat + j * STEK_RING_ENTRY_BYTES);
+                if (older)
+                    r->keys[n].enc_from = boot_now + grace;
+            }
             memcpy(mat + n * STEK_RING_ENTRY_BYTES, src_mat + i * STEK_RING_ENTRY_BYTES,
                    STEK_RING_ENTRY_BYTES);
             r->by_name[n] = (uint32_t)n;

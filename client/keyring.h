@@ -100,6 +100,10 @@ typedef struct stek_ring {
 } stek_ring;
 
 /* One group's keys as accepted, with deadlines: the input of a build. */
+/* The longest a key that was never held as `next` waits before it
+ * encrypts (stek_ring_build). */
+#define STEK_RING_UNSEEN_GRACE_NS (10LL * 1000000000LL)
+
 typedef struct stek_ring_input {
     const char *group;
     uint64_t generation;
@@ -126,7 +130,12 @@ STEK_MUST_USE stek_status stek_ring_deadlines(const stek_accepted_set *set, int6
  * added); other groups' keys are copied from prev. Keys whose dec_until <=
  * boot_now are left out. The names of keys that leave are remembered (with
  * prev's remembered names) as expired, or as another generation when their
- * group's generation changed. seq is prev's + 1. Returns STEK_OK and *out
+ * group's generation changed. A key of the update that is already due to
+ * encrypt, that prev did not hold, while prev held keys of the same
+ * generation, starts encrypting min(half its epoch, STEK_RING_UNSEEN_GRACE_NS)
+ * after boot_now instead, when an older key that prev held still decrypts
+ * then: peers that have not fetched the set yet can decrypt that one only.
+ * seq is prev's + 1. Returns STEK_OK and *out
  * (stek_ring_free); STEK_ERR_INVALID_ARG for a bad input (bad group name,
  * more than STEK_RING_MAX_GROUPS groups, unsorted epochs);
  * STEK_ERR_NOMEM.

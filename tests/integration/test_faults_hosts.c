@@ -388,10 +388,14 @@ static void test_hsm_outage(void **state)
      * KNOWN GAP, measured and bounded here rather than hidden: the first set
      * after the outage carries a CURRENT key that no host held as `next`
      * (its epoch began while the token was away). The host that fetches it
-     * first encrypts under it at once, and the other cannot resume those
-     * tickets until it fetches the set too (its reconnect backoff). So
-     * failures are allowed only in rounds that started before both hosts
-     * had caught up; none after.
+     * first would encrypt under it at once, and the other cannot resume
+     * those tickets until it fetches the set too (its reconnect backoff).
+     * libstek now holds such a key back for min(epoch/2, 10 s) while a key
+     * it held still decrypts (test_keyring: test_unseen_current_waits),
+     * which covers most of it, but with this test's 3 s epochs a peer that
+     * takes longer than 1.5 s can still miss some. So failures are allowed
+     * only in rounds that started before both hosts had caught up; none
+     * after.
      */
     if (catch_up_failed > 0)
         assert_true(atomic_load(&l.last_fail_ms) < t_caught_up);

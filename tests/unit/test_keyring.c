@@ -171,6 +171,61 @@ static void test_encrypt_selection(void **state)
     stek_ring_free(r);
 }
 
+/*
+ * After an outage across an epoch boundary the next set's CURRENT key is one
+ * this host never held as NEXT; peers still on the older set cannot decrypt
+ * it. It waits min(epoch/2, 10 s) while a key the host held still decrypts.
+ * Not on a first set, not on a new generation, not when no older key helps.
+ */
+static void test_unseen_current_waits(void **state)
+{
+    (void)state;
+    const int64_t now = 1000 * S;
+    /* Held: epochs 5 (current) and 6 (next), epoch 6 starting at `now - 20 s`
+     * ... i.e. the host was cut off; the new set has 6, 7 (current), 8. */
+    fake_group held, upd;
+    fake(&held, "edge", 1, 1, 5, 2, 5, now - 20 * S);
+    stek_ring *prev = build(NULL, &held.in, now - 21 * S);
+    fake(&upd, "edge", 1, 1, 6, 3, 7, now - 2 * S);
+    stek_ring *r = build(prev, &upd.in, now);
+    bool stale = false;
+    /* Epoch 7 started 2 s ago but was never held: 6 (held as next) encrypts. */
+    assert_int_equal(enc_epoch(r, 0, now, &stale), 6);
+    assert_true(stale);
+    assert_int_equal(enc_epoch(r, 0, now + 5 * S - 1, &stale), 6);
+    /* min(half the 10 s epoch, 10 s) later, 7 takes over, until 8 starts. */
+    assert_int_equal(enc_epoch(r, 0, now + 5 * S, &stale), 7);
+    assert_false(stale);
+    assert_int_equal(enc_epoch(r, 0, now + 8 * S, &stale), 8);
+    /* Its tickets still decrypt by name throughout. */
+    long i = -1;
+    assert_int_equal(stek_ring_decrypt_key(r, stek_ring_entry(r, 1), now, &i),
+                     STEK_RING_FOUND_OTHER);
+    stek_ring_free(r);
+
+    /* A first set: nothing older was held, so 7 encrypts at once. */
+    r = build(NULL, &upd.in, now);
+    assert_int_equal(enc_epoch(r, 0, now, &stale), 7);
+    stek_ring_free(r);
+
+    /* A new generation (rekey): the old keys are gone, 7 encrypts at once. */
+    fake_group rekey;
+    fake(&rekey, "edge", 2, 2, 6, 3, 7, now - 2 * S);
+    r = build(prev, &rekey.in, now);
+    assert_int_equal(enc_epoch(r, 0, now, &stale), 7);
+    stek_ring_free(r);
+
+    /* A set whose CURRENT key was held as NEXT: the usual rotation. */
+    fake_group seen;
+    fake(&seen, "edge", 1, 1, 5, 3, 6, now - 2 * S);
+    stek_ring *prev2 = build(NULL, &seen.in, now - 3 * S);
+    r = build(prev2, &seen.in, now);
+    assert_int_equal(enc_epoch(r, 0, now, &stale), 6);
+    stek_ring_free(r);
+    stek_ring_free(prev2);
+    stek_ring_free(prev);
+}
+
 static void test_lookup(void **state)
 {
     (void)state;
@@ -478,6 +533,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_deadlines),
         cmocka_unit_test(test_encrypt_selection),
+        cmocka_unit_test(test_unseen_current_waits),
         cmocka_unit_test(test_lookup),
         cmocka_unit_test(test_groups),
         cmocka_unit_test(test_bad_input),
