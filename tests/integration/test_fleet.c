@@ -36,6 +36,7 @@
 #include <openssl/ssl.h>
 
 #include "fx_grpc.h"
+#include "fx_http.h"
 #include "fx_stekd.h"
 #include "fx_tls.h"
 #include "hostwrap.h"
@@ -96,20 +97,6 @@ static char *slurp(const char *path)
     return buf;
 }
 
-/* The port of the last "metrics listening on ... (port N)" line of stekd's log. */
-static int metrics_port(void)
-{
-    char *log = slurp(d.log_path);
-    int port = -1;
-    for (const char *p = log; p != NULL && (p = strstr(p, "metrics listening on ")) != NULL; p++) {
-        const char *q = strstr(p, "(port ");
-        if (q != NULL)
-            port = atoi(q + 6);
-    }
-    free(log);
-    return port;
-}
-
 /* ---- stekd over HTTP and stekctl ---------------------------------------- */
 
 typedef struct body {
@@ -157,27 +144,13 @@ static char *http_get(const char *path)
     return b.p;
 }
 
-/* The value of the sample named exactly `series`, or NAN. */
-static double metric(const char *text, const char *series)
-{
-    size_t n = strlen(series);
-    for (const char *line = text; line != NULL && *line != '\0';) {
-        if (strncmp(line, series, n) == 0 && line[n] == ' ')
-            return strtod(line + n + 1, NULL);
-        line = strchr(line, '\n');
-        if (line != NULL)
-            line++;
-    }
-    return NAN;
-}
-
 static double fleet_metric(const char *text, const char *label, const char *value)
 {
     char series[160];
     const char *family =
         strcmp(label, "state") == 0 ? "stekd_fleet_hosts" : "stekd_fleet_hosts_by_epoch";
     snprintf(series, sizeof(series), "%s{group=\"" GROUP "\",%s=\"%s\"}", family, label, value);
-    return metric(text, series);
+    return fx_metric(text, series);
 }
 
 /* `promtool check metrics` on text: it must exit 0 and say nothing. */
@@ -415,7 +388,7 @@ static int setup(void **state)
         fx_stekd_start(&d) != 0 || fx_stekd_host_cert(&d, &oa, &cert_a) != 0 ||
         fx_stekd_host_cert(&d, &ob, &cert_b) != 0 || fx_stekd_host_cert(&d, &oc, &cert_c) != 0)
         return -1;
-    int port = metrics_port();
+    int port = fx_metrics_port(d.log_path);
     if (port <= 0 || write_ctl_config(port) != 0)
         return -1;
     snprintf(metrics_url, sizeof(metrics_url), "http://127.0.0.1:%d", port);
@@ -498,7 +471,7 @@ static void test_converged(void **state)
     assert_non_null(text);
     assert_true(
         fleet_metric(text, "epoch_offset", "0") + fleet_metric(text, "epoch_offset", "-1") == 2);
-    assert_true(metric(text, "stekd_fleet_reports_total{code=\"OK\"}") >= 2);
+    assert_true(fx_metric(text, "stekd_fleet_reports_total{code=\"OK\"}") >= 2);
     promtool_check(text);
     free(text);
 }
@@ -649,9 +622,9 @@ static void test_reports_authenticated(void **state)
     char *text = http_get("/metrics");
     assert_non_null(text);
     assert_true(fleet_metric(text, "epoch_offset", "older") >= 1);
-    assert_true(metric(text, "stekd_fleet_reports_total{code=\"UNAUTHENTICATED\"}") >= 1);
-    assert_true(metric(text, "stekd_fleet_reports_total{code=\"PERMISSION_DENIED\"}") >= 1);
-    assert_true(metric(text, "stekd_fleet_reports_total{code=\"INVALID_ARGUMENT\"}") >= 3);
+    assert_true(fx_metric(text, "stekd_fleet_reports_total{code=\"UNAUTHENTICATED\"}") >= 1);
+    assert_true(fx_metric(text, "stekd_fleet_reports_total{code=\"PERMISSION_DENIED\"}") >= 1);
+    assert_true(fx_metric(text, "stekd_fleet_reports_total{code=\"INVALID_ARGUMENT\"}") >= 3);
     promtool_check(text);
     free(text);
 

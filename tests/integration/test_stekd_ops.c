@@ -33,6 +33,7 @@
 #include <openssl/rand.h>
 
 #include "fx_grpc.h"
+#include "fx_http.h"
 #include "fx_stekd.h"
 #include "hostwrap.h"
 #include "stek/v1/stek.pb-c.h"
@@ -84,83 +85,22 @@ static bool file_contains(const char *path, const char *needle)
     return found;
 }
 
-/* The port of the last "metrics listening on ... (port N)" line of stekd's log. */
+typedef fx_http_reply http_reply;
+
 static int metrics_port(void)
 {
-    FILE *f = fopen(d.log_path, "r");
-    if (f == NULL)
-        return -1;
-    char line[2048];
-    int port = -1;
-    while (fgets(line, sizeof(line), f) != NULL) {
-        const char *p = strstr(line, "metrics listening on ");
-        const char *q = p ? strstr(p, "(port ") : NULL;
-        if (q != NULL)
-            port = atoi(q + 6);
-    }
-    fclose(f);
-    return port;
+    return fx_metrics_port(d.log_path);
 }
-
-typedef struct http_reply {
-    int status;
-    char *head; /* status line and headers */
-    char *body;
-} http_reply;
 
 static void http_free(http_reply *r)
 {
-    free(r->head);
-    free(r->body);
-    memset(r, 0, sizeof(*r));
+    fx_http_free(r);
 }
 
-/* One HTTP/1.0 request over a plain socket; the server closes after answering. */
+/* One HTTP/1.0 request to stekd's metrics address. */
 static int http(const char *method, const char *path, http_reply *out)
 {
-    memset(out, 0, sizeof(*out));
-    int port = metrics_port();
-    if (port <= 0)
-        return -1;
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    struct timeval tv = {10, 0};
-    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
-    struct sockaddr_in sa = {.sin_family = AF_INET, .sin_port = htons((uint16_t)port)};
-    sa.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    char req[256];
-    int n = snprintf(req, sizeof(req), "%s %s HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n", method, path);
-    if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) != 0 ||
-        send(fd, req, (size_t)n, MSG_NOSIGNAL) != n) {
-        fprintf(stderr, "http: %s\n", strerror(errno));
-        close(fd);
-        return -1;
-    }
-    size_t cap = 1 << 16, len = 0;
-    char *buf = malloc(cap);
-    for (;;) {
-        if (len + 4096 > cap)
-            buf = realloc(buf, cap *= 2);
-        ssize_t got = recv(fd, buf + len, cap - len - 1, 0);
-        if (got <= 0) {
-            if (got < 0)
-                fprintf(stderr, "http: recv: %s\n", strerror(errno));
-            break;
-        }
-        len += (size_t)got;
-    }
-    close(fd);
-    buf[len] = '\0';
-    char *sep = strstr(buf, "\r\n\r\n");
-    if (sep == NULL || sscanf(buf, "HTTP/1.%*d %d", &out->status) != 1) {
-        free(buf);
-        return -1;
-    }
-    *sep = '\0';
-    out->head = strdup(buf);
-    out->body = strdup(sep + 4);
-    free(buf);
-    return 0;
+    return fx_http(metrics_port(), method, path, out);
 }
 
 static char *scrape(void)
@@ -175,18 +115,9 @@ static char *scrape(void)
     return body;
 }
 
-/* The value of the sample named exactly `series` ("name" or "name{l=\"v\"}"), or NAN. */
 static double metric(const char *text, const char *series)
 {
-    size_t n = strlen(series);
-    for (const char *line = text; line != NULL && *line != '\0';) {
-        if (strncmp(line, series, n) == 0 && line[n] == ' ')
-            return strtod(line + n + 1, NULL);
-        line = strchr(line, '\n');
-        if (line != NULL)
-            line++;
-    }
-    return NAN;
+    return fx_metric(text, series);
 }
 
 static double must_metric(const char *text, const char *series)
