@@ -67,6 +67,15 @@ uint64_t stek_sched_past_epochs(const stek_sched *s);
 void stek_sched_window(const stek_sched *s, uint64_t e, uint64_t floor_epoch, uint64_t *first,
                        uint64_t *last);
 
+/*
+ * How far ahead of the current epoch e a group's chain key is kept: at
+ * e + 3. Then K(e+1), the next key, exists, and so does K(e+2), the next key
+ * of the set that epoch e+1 will serve. stekd builds each watch stream's set
+ * for e+1 before the boundary from it, so that a rotation only sends
+ * (server/rpc.c). K(e+2) is served to no host before epoch e+1 starts.
+ */
+#define STEK_SCHED_CHAIN_LEAD 3
+
 /* The start of the epoch after the one containing t: the next rotation. */
 int64_t stek_sched_next_rotation(const stek_sched *s, int64_t t);
 

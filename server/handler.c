@@ -286,6 +286,18 @@ void stekd_handle_keyset(const stekd_handler *h, const stekd_request *req, stekd
     stekd_view_unref(v);
 }
 
+stek_status stekd_handle_stage(const stekd_handler *h, const stekd_request *req,
+                               const stekd_view *staged, stekd_keyset **out)
+{
+    STEK_ENSURE(h && req && staged && out, STEK_ERR_INVALID_ARG);
+    stekd_keyset_req r = {req->identity, req->eph_pub, req->nonce, req->nonce_len};
+    stek_status st = stekd_keyset_build(h->p11, staged, &r, stekd_now(), out);
+    if (st != STEK_OK)
+        stek_log(STEK_LOG_DEBUG, "stekd", "staged key set for %s (%s): %s: %s", req->identity,
+                 req->group, stek_status_name(st), stek_error_detail());
+    return st;
+}
+
 uint64_t stekd_handle_view_version(const stekd_handler *h, const char *group)
 {
     stekd_view *v = stekd_state_view(h->state, group);

@@ -109,6 +109,17 @@ grpc_status_code stekd_handle_validate(const stekd_handler *h, const stekd_peer 
 void stekd_handle_keyset(const stekd_handler *h, const stekd_request *req, stekd_reply *out,
                          uint64_t *version);
 
+/*
+ * Builds req's set from `staged` (a published view's staged view: what the
+ * next epoch will serve) ahead of the boundary, for a watch stream to send
+ * once a published view is the same as `staged` (stekd_view_same). Not
+ * cached: it goes to one stream once. Returns STEK_OK and *out (release
+ * with stekd_keyset_unref), or the HSM's error; the caller then builds at
+ * the boundary as before.
+ */
+STEK_MUST_USE stek_status stekd_handle_stage(const stekd_handler *h, const stekd_request *req,
+                                             const stekd_view *staged, stekd_keyset **out);
+
 /* The version of the group's current view (0 when unknown). */
 uint64_t stekd_handle_view_version(const stekd_handler *h, const char *group);
 

@@ -537,6 +537,10 @@ void stekd_metrics_collect_service(void *arg, stekd_metrics_out *o)
                 (double)rs.sets_sent);
     put_counter(o, "stekd_watch_heartbeats_sent_total", "Heartbeats sent on watch streams.",
                 (double)rs.heartbeats_sent);
+    put_counter(o, "stekd_watch_sets_staged_total",
+                "Sets built for watch streams ahead of a rotation.", (double)rs.sets_staged);
+    put_counter(o, "stekd_watch_staged_sent_total",
+                "Sets sent at a rotation that had been built ahead of it.", (double)rs.staged_sent);
 
     stekd_cache_stats cs;
     stekd_cache_get_stats(h->cache, &cs);

@@ -28,6 +28,8 @@ int stekd_rpc_port(const stekd_rpc *r);
 typedef struct stekd_rpc_stats {
     unsigned long watchers; /* open watch streams */
     unsigned long sets_sent, heartbeats_sent;
+    unsigned long sets_staged; /* sets built ahead of a rotation */
+    unsigned long staged_sent; /* of sets_sent, those built ahead */
 } stekd_rpc_stats;
 
 void stekd_rpc_get_stats(stekd_rpc *r, stekd_rpc_stats *out);

@@ -59,10 +59,20 @@ int64_t stekd_now(void)
     return (int64_t)time(NULL) + offset_s;
 }
 
+int64_t stekd_now_ms(void)
+{
+    pthread_once(&offset_once, read_offset);
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return ((int64_t)ts.tv_sec + offset_s) * 1000 + ts.tv_nsec / 1000000;
+}
+
 void stekd_view_unref(stekd_view *v)
 {
-    if (v != NULL && atomic_fetch_sub(&v->refs, 1) == 1)
+    if (v != NULL && atomic_fetch_sub(&v->refs, 1) == 1) {
+        stekd_view_unref(v->staged);
         free(v);
+    }
 }
 
 static stekd_view *view_new(const stekd_group_cfg *cfg, size_t n_keys)
@@ -187,28 +197,40 @@ bool stekd_state_group_stats(stekd_state *st, const char *group, stekd_group_sta
     return false;
 }
 
-/* True when the published view already says exactly this. */
-static bool same_view(const stekd_view *a, const stekd_view *b)
+bool stekd_view_same(const stekd_view *a, const stekd_view *b)
 {
     return a->available == b->available && a->generation == b->generation && a->epoch == b->epoch &&
-           a->n_keys == b->n_keys && memcmp(a->keys, b->keys, a->n_keys * sizeof(stekd_key)) == 0 &&
+           a->gen_start == b->gen_start && a->n_keys == b->n_keys &&
+           memcmp(a->keys, b->keys, a->n_keys * sizeof(stekd_key)) == 0 &&
            (a->available || strcmp(a->why, b->why) == 0);
+}
+
+static bool same_staged(const stekd_view *a, const stekd_view *b)
+{
+    return a == NULL ? b == NULL : b != NULL && stekd_view_same(a, b);
 }
 
 static void publish(stekd_state *st, group_slot *g, stekd_view *v)
 {
     pthread_mutex_lock(&st->mu);
-    bool changed = !same_view(g->view, v);
+    bool changed = !stekd_view_same(g->view, v);
     if (changed) {
         v->version = ++st->next_version;
         stekd_view_unref(g->view);
         g->view = v;
+    } else if (!same_staged(g->view->staged, v->staged)) {
+        /* Only what comes next changed (K(e+2) appeared): the served set did
+         * not, so no new version and no watcher owes a set. */
+        v->version = g->view->version;
+        stekd_view_unref(g->view);
+        g->view = v;
+        v = NULL;
     }
     stekd_state_listener fn = st->listener;
     void *arg = st->listener_arg;
     pthread_mutex_unlock(&st->mu);
     if (!changed) {
-        stekd_view_unref(v);
+        stekd_view_unref(v); /* NULL when it replaced the published view */
         return;
     }
     if (v->available)
@@ -287,6 +309,27 @@ done:
     return status;
 }
 
+static bool oldest_ticket(stekd_state *st, const char *group, uint32_t n, uint64_t *oldest);
+
+/*
+ * Names of epochs *first..last into g->names. A replica seeded from another
+ * HSM's chain key mid-generation holds no keys below that key's epoch: then
+ * *first moves up to its oldest key (current, epoch e, and next must exist;
+ * the decrypt window fills in).
+ */
+static stek_status load_window(stekd_state *st, group_slot *g, uint32_t n, uint64_t e,
+                               uint64_t *first, uint64_t last)
+{
+    stek_status status = load_names(st, g, n, *first, last);
+    uint64_t oldest = 0;
+    if (status == STEK_ERR_NOT_FOUND && oldest_ticket(st, g->cfg->name, n, &oldest) &&
+        oldest > *first && oldest <= e) {
+        *first = oldest;
+        status = load_names(st, g, n, *first, last);
+    }
+    return status;
+}
+
 /* The oldest ticket key of (g, n) in the token. */
 static bool oldest_ticket(stekd_state *st, const char *group, uint32_t n, uint64_t *oldest)
 {
@@ -360,8 +403,9 @@ static int64_t refresh_group(stekd_state *st, group_slot *g, int64_t now)
         publish_unavailable(st, g, "%s", stek_error_detail());
         return next;
     }
-    /* K(e+1), the next key, must exist: the chain must reach e+2. */
-    uint64_t target = e + 2;
+    /* K(e+1), the next key, must exist, and K(e+2) for building the next
+     * epoch's sets ahead (schedule.h): the chain must reach e+3. */
+    uint64_t target = e + STEK_SCHED_CHAIN_LEAD;
     if (target > newest) {
         /*
          * max_jump guards keys hosts may be using: a clock run ahead must
@@ -417,42 +461,63 @@ static int64_t refresh_group(stekd_state *st, group_slot *g, int64_t now)
     g->alarmed = false;
     atomic_store(&g->refusing, false);
 
-    uint64_t first, last;
+    uint64_t first, last, window_first;
     stek_sched_window(s, e, gen_first, &first, &last);
-    /* Keys past the window go, in the HSM first; hosts drop them on their own. */
-    unsigned destroyed = 0;
-    status = stek_p11_ticket_destroy_before(st->p11, cfg->name, n, first, &destroyed);
-    if (status == STEK_OK && destroyed > 0)
-        stek_log(STEK_LOG_INFO, "stekd", "group %s: destroyed %u expired key(s) below epoch %llu",
-                 cfg->name, destroyed, (unsigned long long)first);
+    window_first = first;
     /* An older generation's keys stop being served the moment a newer one
-     * exists; `stekctl rekey` destroys them. */
-    if (status == STEK_OK) {
-        status = load_names(st, g, n, first, last);
-        /* A replica seeded from another HSM's chain key mid-generation holds
-         * no keys below that key's epoch: serve from its oldest key on
-         * (current and next must exist; the decrypt window fills in). */
-        uint64_t oldest = 0;
-        if (status == STEK_ERR_NOT_FOUND && oldest_ticket(st, cfg->name, n, &oldest) &&
-            oldest > first && oldest <= e) {
-            first = oldest;
-            status = load_names(st, g, n, first, last);
-        }
-    }
+     * exists; `stekctl rekey` destroys them. The names run one past the
+     * window, to K(e+2), for the staged view; without K(e+2) (not expected
+     * after the ratchet above) the view is served without one. */
+    status = load_window(st, g, n, e, &first, last + 1);
+    bool staged = status == STEK_OK;
+    if (status == STEK_ERR_NOT_FOUND)
+        status = load_window(st, g, n, e, &first, last);
     if (status != STEK_OK) {
         publish_unavailable(st, g, "%s", stek_error_detail());
         return next;
     }
 
-    stekd_view *v = view_new(cfg, g->n_names);
+    size_t count = (size_t)(last - first + 1);
+    stekd_view *v = view_new(cfg, count);
     if (v == NULL)
         return next;
     v->available = true;
     v->generation = n;
     v->gen_start = gen_start;
     v->epoch = e;
-    memcpy(v->keys, g->names, g->n_names * sizeof(stekd_key));
+    memcpy(v->keys, g->names, count * sizeof(stekd_key));
+    if (staged) {
+        /* What epoch e+1 will publish: its window, from this one's first
+         * key at the earliest (a seeded replica's), to K(e+2). */
+        uint64_t sfirst, slast;
+        stek_sched_window(s, e + 1, gen_first, &sfirst, &slast);
+        if (sfirst < first)
+            sfirst = first;
+        size_t scount = (size_t)(slast - sfirst + 1);
+        v->staged = view_new(cfg, scount);
+        if (v->staged != NULL) {
+            v->staged->available = true;
+            v->staged->generation = n;
+            v->staged->gen_start = gen_start;
+            v->staged->epoch = e + 1;
+            memcpy(v->staged->keys, g->names + (sfirst - first), scount * sizeof(stekd_key));
+        }
+    }
     publish(st, g, v);
+
+    /*
+     * Keys past the window go from the HSM, right after the view that no
+     * longer names them is out: a build that took the previous view and
+     * finds its oldest key gone then sees a newer view to build from
+     * (stekd_handle_keyset). Hosts drop such keys on their own.
+     */
+    unsigned destroyed = 0;
+    status = stek_p11_ticket_destroy_before(st->p11, cfg->name, n, window_first, &destroyed);
+    if (status != STEK_OK)
+        publish_unavailable(st, g, "%s", stek_error_detail());
+    else if (destroyed > 0)
+        stek_log(STEK_LOG_INFO, "stekd", "group %s: destroyed %u expired key(s) below epoch %llu",
+                 cfg->name, destroyed, (unsigned long long)window_first);
     return next;
 }
 

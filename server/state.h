@@ -35,6 +35,14 @@ typedef struct stekd_view {
     int64_t gen_start; /* Unix seconds */
     uint64_t epoch;    /* the current epoch */
     uint64_t version;  /* changes whenever anything above or below changes */
+    /*
+     * The view epoch + 1 will publish, as far as the token says now (same
+     * generation, window moved by one, K(epoch + 2) as its next key), for
+     * building watch streams' sets ahead of the boundary. Never published
+     * itself (version 0, staged NULL). Owned by this view. NULL when this
+     * view is unavailable or K(epoch + 2) is not in the token.
+     */
+    struct stekd_view *staged;
     size_t n_keys;
     stekd_key keys[]; /* ascending epochs, the last one is `next` */
 } stekd_view;
@@ -97,10 +105,20 @@ bool stekd_state_group_stats(stekd_state *st, const char *group, stekd_group_sta
 void stekd_view_unref(stekd_view *v);
 
 /*
+ * True when a and b would serve the same set contents: availability,
+ * generation, epoch and keys (not the version, not `staged`). A set built
+ * from a staged view may be sent once a published view is the same as it.
+ */
+bool stekd_view_same(const stekd_view *a, const stekd_view *b);
+
+/*
  * The service clock: wall time plus an offset only tests set, through the
  * environment variable STEKD_TEST_CLOCK_OFFSET (seconds, may be negative),
  * read once at start. Production never sets it.
  */
 int64_t stekd_now(void);
+
+/* The same clock in milliseconds. */
+int64_t stekd_now_ms(void);
 
 #endif

@@ -529,8 +529,8 @@ static stek_status cmd_advance(stekctl *c, int argc, char **argv)
         return stekctl_fail(c, st, "cannot find the chain key of group %s generation %u", g->name,
                             (unsigned)n);
 
-    /* What stekd keeps: the chain at e + 2, so that K(e + 1), the next key, exists. */
-    uint64_t target = e + 2, gen_first = 0, first;
+    /* What stekd keeps (schedule.h): K(e + 1), the next key, and K(e + 2). */
+    uint64_t target = e + STEK_SCHED_CHAIN_LEAD, gen_first = 0, first;
     if (stek_sched_epoch_at(&g->sched, start, &gen_first) != STEK_OK)
         gen_first = 0;
     stek_sched_window(&g->sched, e, gen_first, &first, NULL);

@@ -298,6 +298,10 @@ static void row_fields(const stekctl *c, const row *r, row_text *t)
         return;
     }
     t->state = state_name(stek_sched_state(&r->g->sched, o->epoch, c->now));
+    /* K(e+2) exists ahead of need (schedule.h): not `next` yet. */
+    uint64_t e;
+    if (stek_sched_epoch_at(&r->g->sched, c->now, &e) == STEK_OK && o->epoch > e + 1)
+        t->state = "staged";
     stek_key_times kt;
     stek_sched_key_times(&r->g->sched, o->epoch, &kt);
     t->timed = true;

@@ -418,20 +418,23 @@ static void test_advance_keys(void **state)
     char want[128];
     CTL_EXPECT(&r, 0, "--config", conf_a, "--now", at(T0), "advance", "edge");
     snprintf(want, sizeof(want), "advanced edge generation 1 from epoch %" PRIu64 " to %" PRIu64,
-             E0, E0 + 2);
+             E0, E0 + 3);
     assert_non_null(strstr(r.out, want));
     run_free(&r);
 
     size_t n;
     key_entry *k = keys_json(conf_a, T0, "edge", &n);
-    assert_int_equal(n, 3);
+    assert_int_equal(n, 4);
     const key_entry *cur = find_entry(k, n, "ticket", E0);
     const key_entry *next = find_entry(k, n, "ticket", E0 + 1);
+    const key_entry *staged = find_entry(k, n, "ticket", E0 + 2);
     assert_non_null(cur);
     assert_non_null(next);
-    assert_non_null(find_entry(k, n, "chain", E0 + 2));
+    assert_non_null(staged);
+    assert_non_null(find_entry(k, n, "chain", E0 + 3));
     assert_string_equal(cur->state, "current");
     assert_string_equal(next->state, "next");
+    assert_string_equal(staged->state, "staged");
     assert_string_not_equal(cur->name, next->name);
     snprintf(gen1_names[0], sizeof(gen1_names[0]), "%s", cur->name);
     snprintf(gen1_names[1], sizeof(gen1_names[1]), "%s", next->name);
@@ -469,13 +472,13 @@ static void test_audit_window(void **state)
     assert_non_null(strstr(r.out, "audit: no findings"));
     run_free(&r);
 
-    /* A minute on, nobody destroyed K(E0) and K(E0+1): both are past the window. */
+    /* A minute on, nobody destroyed K(E0), K(E0+1) and K(E0+2): all are past the window. */
     CTL_EXPECT(&r, 1, "--config", conf_a, "--now", at(T0 + 60), "keys", "--audit");
     assert_non_null(strstr(r.out, "finding: expired"));
     assert_non_null(strstr(r.err, "stekctl: keys: the audit found"));
     run_free(&r);
     CTL_EXPECT(&r, 1, "--config", conf_a, "--now", at(T0 + 60), "keys", "--json", "--audit");
-    assert_int_equal(count_findings(r.out, "expired", "stek:ticket:edge:1"), 2);
+    assert_int_equal(count_findings(r.out, "expired", "stek:ticket:edge:1"), 3);
     run_free(&r);
 }
 
@@ -490,18 +493,19 @@ static void test_advance_jump(void **state)
     uint64_t e1 = E0 + 30;
     CTL_EXPECT(&r, 0, "--config", conf_a, "--now", at(t1), "advance", "edge");
     snprintf(want, sizeof(want), "advanced edge generation 1 from epoch %" PRIu64 " to %" PRIu64,
-             E0 + 2, e1 + 2);
+             E0 + 3, e1 + 3);
     assert_non_null(strstr(r.out, want));
     assert_non_null(strstr(r.out, "past their window"));
     run_free(&r);
 
     size_t n;
     key_entry *k = keys_json(conf_a, t1, "edge", &n);
-    assert_non_null(find_entry(k, n, "chain", e1 + 2));
+    assert_non_null(find_entry(k, n, "chain", e1 + 3));
     assert_int_equal(count_kind(k, n, "chain"), 1);
-    /* The window exactly: three past keys, current and next; none older. */
-    assert_int_equal(count_kind(k, n, "ticket"), 5);
-    for (uint64_t e = e1 - 3; e <= e1 + 1; e++)
+    /* The window exactly (three past keys, current and next) and the staged
+     * K(e1+2); none older. */
+    assert_int_equal(count_kind(k, n, "ticket"), 6);
+    for (uint64_t e = e1 - 3; e <= e1 + 2; e++)
         assert_non_null(find_entry(k, n, "ticket", e));
     assert_string_equal(find_entry(k, n, "ticket", e1)->state, "current");
     assert_string_equal(find_entry(k, n, "ticket", e1 - 1)->state, "decrypt-only");
@@ -512,11 +516,11 @@ static void test_advance_jump(void **state)
     uint64_t ea = (uint64_t)(day / API_P);
     CTL_EXPECT(&r, 0, "--config", conf_a, "--now", at(day), "advance", "api");
     snprintf(want, sizeof(want), "advanced api generation 1 from epoch %" PRIu64 " to %" PRIu64,
-             (uint64_t)(T0 / API_P), ea + 2);
+             (uint64_t)(T0 / API_P), ea + 3);
     assert_non_null(strstr(r.out, want));
     run_free(&r);
     k = keys_json(conf_a, day, "api", &n);
-    assert_non_null(find_entry(k, n, "chain", ea + 2));
+    assert_non_null(find_entry(k, n, "chain", ea + 3));
     assert_non_null(find_entry(k, n, "ticket", ea));
     assert_non_null(find_entry(k, n, "ticket", ea + 1));
     free(k);
@@ -684,7 +688,7 @@ static void test_rekey(void **state)
     CTL_EXPECT(&r, 0, "--config", conf_a, "--now", at(t1), "advance", "edge");
     run_free(&r);
     k = keys_json(conf_a, t1, "edge", &n);
-    assert_int_equal(n, 3);
+    assert_int_equal(n, 4);
     for (size_t i = 0; i < n; i++) {
         assert_int_equal(k[i].generation, 2);
         assert_string_not_equal(k[i].name, gen1_names[0]);
@@ -898,7 +902,7 @@ static void test_export_import(void **state)
     uint64_t e2 = (uint64_t)(t2 / EDGE_P);
     assert_non_null(find_entry(kb, nb, "ticket", e2));
     assert_non_null(find_entry(kb, nb, "ticket", e2 + 1));
-    assert_non_null(find_entry(kb, nb, "chain", e2 + 2));
+    assert_non_null(find_entry(kb, nb, "chain", e2 + 3));
     free(ka);
     free(kb);
     CTL_EXPECT(&r, 0, "--config", conf_b, "--now", at(t2), "keys", "--audit");
