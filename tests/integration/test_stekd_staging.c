@@ -11,6 +11,7 @@
  *   - A rekey between staging and the boundary: the staged set (the old
  *     generation's, for the next epoch) is never sent; the host gets the
  *     new generation's set at once, built fresh.
+ *   - stekd's TLS connections release their record buffers while idle.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -318,9 +319,31 @@ static void test_rekey_drops_staged_set(void **state)
     fx_grpc_stream_cancel_and_free(w.s);
 }
 
+/*
+ * Memory per connection (docs/benchmarks.md): stekd sets
+ * SSL_MODE_RELEASE_BUFFERS on the TLS context gRPC makes (tls_buffers.c),
+ * which works only if gRPC's SSL_CTX_new resolved to stekd's.
+ */
+static void test_tls_buffers_released(void **state)
+{
+    (void)state;
+    FILE *f = fopen(d.log_path, "r");
+    assert_non_null(f);
+    char line[1024];
+    bool released = false, kept = false;
+    while (fgets(line, sizeof(line), f) != NULL) {
+        released = released || strstr(line, "TLS record buffers are released while idle");
+        kept = kept || strstr(line, "keep their TLS record buffers");
+    }
+    fclose(f);
+    assert_true(released);
+    assert_false(kept);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_tls_buffers_released),
         cmocka_unit_test(test_rotation_sends_staged_set),
         cmocka_unit_test(test_rekey_drops_staged_set),
     };
