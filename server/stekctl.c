@@ -462,7 +462,7 @@ static stek_status one_group(stekctl *c, int argc, char **argv, const stekd_grou
 
 static stek_status cmd_group_add(stekctl *c, int argc, char **argv)
 {
-    const stekd_group_cfg *g;
+    const stekd_group_cfg *g = NULL;
     STEK_GUARD(one_group(c, argc, argv, &g));
     bool added;
     uint32_t have;
@@ -493,7 +493,7 @@ static stek_status need_generation(stekctl *c, const stekd_group_cfg *g, uint32_
 
 static stek_status cmd_rekey(stekctl *c, int argc, char **argv)
 {
-    const stekd_group_cfg *g;
+    const stekd_group_cfg *g = NULL;
     STEK_GUARD(one_group(c, argc, argv, &g));
     uint32_t old;
     int64_t start;
@@ -517,7 +517,7 @@ static stek_status cmd_rekey(stekctl *c, int argc, char **argv)
 
 static stek_status cmd_advance(stekctl *c, int argc, char **argv)
 {
-    const stekd_group_cfg *g;
+    const stekd_group_cfg *g = NULL;
     STEK_GUARD(one_group(c, argc, argv, &g));
     uint32_t n;
     int64_t start;

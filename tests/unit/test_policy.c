@@ -162,7 +162,8 @@ static void expect_bad(const char *pattern, const char *detail_word)
     if (stekd_policy_check_pattern(pattern) != STEK_ERR_CONFIG)
         fail_msg("accepted: %s", pattern != NULL ? pattern : "(null)");
     if (strstr(stek_error_detail(), detail_word) == NULL)
-        fail_msg("%s: detail \"%s\" lacks \"%s\"", pattern, stek_error_detail(), detail_word);
+        fail_msg("%s: detail \"%s\" lacks \"%s\"", pattern != NULL ? pattern : "(null)",
+                 stek_error_detail(), detail_word);
 }
 
 static void test_check_pattern_invalid(void **state)
