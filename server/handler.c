@@ -298,14 +298,6 @@ stek_status stekd_handle_stage(const stekd_handler *h, const stekd_request *req,
     return st;
 }
 
-uint64_t stekd_handle_view_version(const stekd_handler *h, const char *group)
-{
-    stekd_view *v = stekd_state_view(h->state, group);
-    uint64_t ver = v ? v->version : 0;
-    stekd_view_unref(v);
-    return ver;
-}
-
 /* ---- fleet reports ------------------------------------------------------- */
 
 grpc_status_code stekd_handle_report(const stekd_handler *h, const stekd_peer *peer,

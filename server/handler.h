@@ -120,9 +120,6 @@ void stekd_handle_keyset(const stekd_handler *h, const stekd_request *req, stekd
 STEK_MUST_USE stek_status stekd_handle_stage(const stekd_handler *h, const stekd_request *req,
                                              const stekd_view *staged, stekd_keyset **out);
 
-/* The version of the group's current view (0 when unknown). */
-uint64_t stekd_handle_view_version(const stekd_handler *h, const char *group);
-
 /*
  * One ReportStatusRequest from peer (connection address peer_addr, may be
  * ""). Its key_set_request is validated by stekd_handle_validate, so a

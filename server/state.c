@@ -55,8 +55,7 @@ static void read_offset(void)
 
 int64_t stekd_now(void)
 {
-    pthread_once(&offset_once, read_offset);
-    return (int64_t)time(NULL) + offset_s;
+    return stekd_now_ms() / 1000;
 }
 
 int64_t stekd_now_ms(void)

@@ -85,44 +85,27 @@ static bool file_contains(const char *path, const char *needle)
     return found;
 }
 
-typedef fx_http_reply http_reply;
-
-static int metrics_port(void)
-{
-    return fx_metrics_port(d.log_path);
-}
-
-static void http_free(http_reply *r)
-{
-    fx_http_free(r);
-}
-
 /* One HTTP/1.0 request to stekd's metrics address. */
-static int http(const char *method, const char *path, http_reply *out)
+static int http(const char *method, const char *path, fx_http_reply *out)
 {
-    return fx_http(metrics_port(), method, path, out);
+    return fx_http(fx_metrics_port(d.log_path), method, path, out);
 }
 
 static char *scrape(void)
 {
-    http_reply r;
+    fx_http_reply r;
     assert_int_equal(http("GET", "/metrics", &r), 0);
     assert_int_equal(r.status, 200);
     assert_non_null(strstr(r.head, "Content-Type: text/plain; version=0.0.4"));
     char *body = r.body;
     r.body = NULL;
-    http_free(&r);
+    fx_http_free(&r);
     return body;
-}
-
-static double metric(const char *text, const char *series)
-{
-    return fx_metric(text, series);
 }
 
 static double must_metric(const char *text, const char *series)
 {
-    double v = metric(text, series);
+    double v = fx_metric(text, series);
     if (isnan(v))
         fprintf(stderr, "no sample %s in:\n%s\n", series, text);
     assert_false(isnan(v));
@@ -337,17 +320,17 @@ static void test_metrics_scrape(void **state)
     free(after);
 
     /* Only GET and HEAD of /metrics. */
-    http_reply r;
+    fx_http_reply r;
     assert_int_equal(http("GET", "/other", &r), 0);
     assert_int_equal(r.status, 404);
-    http_free(&r);
+    fx_http_free(&r);
     assert_int_equal(http("POST", "/metrics", &r), 0);
     assert_int_equal(r.status, 405);
-    http_free(&r);
+    fx_http_free(&r);
     assert_int_equal(http("HEAD", "/metrics", &r), 0);
     assert_int_equal(r.status, 200);
     assert_string_equal(r.body, "");
-    http_free(&r);
+    fx_http_free(&r);
 }
 
 typedef struct watch_arg {
@@ -357,11 +340,11 @@ typedef struct watch_arg {
 static bool cancelled_counted(void *arg)
 {
     watch_arg *w = arg;
-    http_reply r;
+    fx_http_reply r;
     if (http("GET", "/metrics", &r) != 0)
         return false;
-    bool ok = metric(r.body, "stekd_watch_streams_total{code=\"CANCELLED\"}") == w->want;
-    http_free(&r);
+    bool ok = fx_metric(r.body, "stekd_watch_streams_total{code=\"CANCELLED\"}") == w->want;
+    fx_http_free(&r);
     return ok;
 }
 
@@ -571,11 +554,11 @@ static bool health_is(void *arg)
 
 static bool hsm_up_is(void *arg)
 {
-    http_reply r;
+    fx_http_reply r;
     if (http("GET", "/metrics", &r) != 0)
         return false;
-    bool ok = metric(r.body, "stekd_hsm_up") == ((health_arg *)arg)->want;
-    http_free(&r);
+    bool ok = fx_metric(r.body, "stekd_hsm_up") == ((health_arg *)arg)->want;
+    fx_http_free(&r);
     return ok;
 }
 
@@ -594,7 +577,7 @@ static void test_health_follows_hsm(void **state)
     promtool_check(text);
     assert_int_equal(must_metric(text, "stekd_serving"), 0);
     assert_int_equal(must_metric(text, "stekd_group_available{group=\"edge\"}"), 0);
-    assert_true(isnan(metric(text, "stekd_group_epoch{group=\"edge\"}")));
+    assert_true(isnan(fx_metric(text, "stekd_group_epoch{group=\"edge\"}")));
     free(text);
 
     assert_int_equal(fx_token_restore(&d.tok), 0);
