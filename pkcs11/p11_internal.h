@@ -15,6 +15,9 @@
 #include "secret.h"
 #include "stek_p11.h"
 
+/* The HSM ephemeral key shared by per-host wrapping (p11_wrap.c). */
+typedef struct p11_eph p11_eph;
+
 struct stek_p11 {
     void *dl;
     CK_FUNCTION_LIST_PTR fl;
@@ -56,6 +59,16 @@ struct stek_p11 {
 
     atomic_ulong login_calls;
     atomic_ulong reconnects;
+
+    /*
+     * The HSM ephemeral key that per-host wrapping shares (p11_wrap.c), under
+     * eph_mu and the module read lock. module_finalize drops it: finalizing
+     * destroyed its objects.
+     */
+    pthread_mutex_t eph_mu;
+    p11_eph *eph;               /* the current one, or NULL */
+    atomic_uint eph_reuse_ms;   /* 0: a fresh key per set */
+    atomic_ulong eph_generated; /* ephemeral keys made, for tests and metrics */
 
     /* Timing of every P11_CALL (stek_p11_set_call_observer); NULL: none. */
     _Atomic(stek_p11_call_observer) observer;
@@ -179,6 +192,9 @@ uint64_t p11_id_epoch(const uint8_t id[P11_ID_BYTES]);
 /* Destroys the generation record of (g,n) (p11_meta.c). */
 STEK_MUST_USE stek_status p11_generation_record_destroy(p11_sess *s, const char *group,
                                                         uint32_t generation);
+
+/* Forgets the shared ephemeral key without a C_* call (module_finalize). */
+void p11_eph_forget(stek_p11 *p11);
 
 /* The DER OID of P-256 for CKA_EC_PARAMS. */
 extern const CK_BYTE p11_p256_oid[10];

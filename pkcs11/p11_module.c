@@ -63,6 +63,7 @@ static void module_finalize(stek_p11 *p11)
     STEK_IGNORE(p11_rv(p11, "C_Finalize", p11->fl->C_Finalize(NULL)));
     p11->initialized = false;
     p11->connected = false;
+    p11_eph_forget(p11);
     /* Finalize closed every session; the pool's handles are now stale. */
     pthread_mutex_lock(&p11->pool_mu);
     p11->n_idle = 0;
@@ -248,6 +249,7 @@ stek_status stek_p11_open(const stek_p11_config *cfg, stek_p11 **out)
     pthread_rwlock_init(&p11->mod_lock, NULL);
     pthread_mutex_init(&p11->pool_mu, NULL);
     pthread_mutex_init(&p11->obj_mu, NULL);
+    pthread_mutex_init(&p11->eph_mu, NULL);
     pthread_cond_init(&p11->pool_cv, NULL);
     p11->pool_max = cfg->pool_size ? cfg->pool_size : DEFAULT_POOL;
     p11->idle = calloc(p11->pool_max, sizeof(*p11->idle));
@@ -302,6 +304,7 @@ void stek_p11_close(stek_p11 *p11)
     pthread_rwlock_destroy(&p11->mod_lock);
     pthread_mutex_destroy(&p11->pool_mu);
     pthread_mutex_destroy(&p11->obj_mu);
+    pthread_mutex_destroy(&p11->eph_mu);
     pthread_cond_destroy(&p11->pool_cv);
     free(p11);
 }

@@ -1,14 +1,23 @@
 /*
  * Per-host wrapping inside the HSM (kek.h has the byte contract):
- *   1. an ephemeral P-256 key pair (session objects);
+ *   1. an HSM ephemeral P-256 key pair (session objects);
  *   2. Z = ECDH1_DERIVE(CKD_NULL) with the host's ephemeral point;
  *   3. KEK = AES_CBC_ENCRYPT_DATA(Z, iv = SHA-256(ctx)[0:16], label blocks);
  *   4. blob = AES_KEY_WRAP_PAD(KEK, K) for each ticket key.
- * Every intermediate is a sensitive, non-extractable session object,
- * destroyed before return, so no plaintext key ever exists outside the HSM.
+ * Every intermediate is a sensitive, non-extractable session object, so no
+ * plaintext key ever exists outside the HSM. Z and the KEK are destroyed
+ * before return.
+ *
+ * The ephemeral key pair may be shared by the sets built within
+ * eph_reuse_ms of each other (stek_p11_set_eph_reuse_ms): the KEK still
+ * differs per host, because ctx and Z both take the host's point, and the
+ * private half is destroyed once its window has passed and its last set is
+ * built. Sharing it saves a key generation per set and, on SoftHSM 2.6, two
+ * of the four objects it never frees (docs/benchmarks.md).
  */
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "p11_chain.h"
 #include "p11_internal.h"
@@ -77,6 +86,139 @@ static stek_status derive_kek(p11_sess *s, CK_OBJECT_HANDLE eph_priv, const uint
     return p11_derive(s, &cm, *z, t, n, kek);
 }
 
+/* ---- the shared ephemeral key ------------------------------------------- */
+
+/*
+ * It lives in a session of its own, outside the pool: the pool closes a
+ * session that saw an error, and a session object dies with its session.
+ * Other sessions of this process may use it (PKCS#11 session objects are
+ * visible to every session of the application).
+ */
+struct p11_eph {
+    CK_SESSION_HANDLE h;
+    CK_OBJECT_HANDLE priv;
+    uint8_t point[STEK_P256_POINT_BYTES];
+    struct timespec born; /* CLOCK_MONOTONIC */
+    unsigned users;       /* builds holding it (eph_mu) */
+    bool retired;         /* no new users; the last one closes it (eph_mu) */
+};
+
+static long long elapsed_ms(const struct timespec *t0)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (long long)(now.tv_sec - t0->tv_sec) * 1000 + (now.tv_nsec - t0->tv_nsec) / 1000000;
+}
+
+/* Destroys the private key and closes its session; frees e. */
+static void eph_close(stek_p11 *p11, p11_eph *e)
+{
+    if (e == NULL)
+        return;
+    p11_sess s = {.p11 = p11, .h = e->h};
+    if (e->priv != CK_INVALID_HANDLE)
+        STEK_IGNORE(p11_destroy(&s, e->priv));
+    if (e->h != CK_INVALID_HANDLE)
+        STEK_IGNORE(P11_CALL(p11, C_CloseSession, e->h));
+    free(e);
+}
+
+static stek_status eph_new(stek_p11 *p11, p11_eph **out)
+{
+    p11_eph *e = calloc(1, sizeof(*e));
+    STEK_ENSURE(e != NULL, STEK_ERR_NOMEM);
+    e->h = CK_INVALID_HANDLE;
+    e->priv = CK_INVALID_HANDLE;
+    stek_status st = STEK_OK;
+    CK_OBJECT_HANDLE pub = CK_INVALID_HANDLE;
+    p11_sess s = {.p11 = p11, .h = CK_INVALID_HANDLE};
+    STEK_GUARD_GOTO(P11_CALL(p11, C_OpenSession, p11->slot, CKF_SERIAL_SESSION | CKF_RW_SESSION,
+                             NULL, NULL, &e->h));
+    s.h = e->h;
+    STEK_GUARD_GOTO(eph_keypair(&s, &pub, &e->priv));
+    STEK_GUARD_GOTO(p11_read_ec_point(&s, pub, e->point));
+    clock_gettime(CLOCK_MONOTONIC, &e->born);
+    atomic_fetch_add(&p11->eph_generated, 1);
+done:
+    /* The point is read; only the private half is needed from here. */
+    if (pub != CK_INVALID_HANDLE)
+        STEK_IGNORE(p11_destroy(&s, pub));
+    if (st != STEK_OK) {
+        eph_close(p11, e);
+        return st;
+    }
+    *out = e;
+    return STEK_OK;
+}
+
+/*
+ * The current key if it is younger than eph_reuse_ms, else a new one
+ * (*fresh). Made under eph_mu: a burst of builds at an epoch boundary makes
+ * one key, not one each. Call eph_release exactly once after STEK_OK.
+ */
+static stek_status eph_acquire(stek_p11 *p11, p11_eph **out, bool *fresh)
+{
+    unsigned reuse_ms = atomic_load(&p11->eph_reuse_ms);
+    p11_eph *old = NULL;
+    stek_status st = STEK_OK;
+    pthread_mutex_lock(&p11->eph_mu);
+    p11_eph *e = p11->eph;
+    *fresh = !(e != NULL && elapsed_ms(&e->born) < (long long)reuse_ms);
+    if (!*fresh) {
+        e->users++;
+    } else {
+        if (e != NULL) {
+            p11->eph = NULL;
+            e->retired = true;
+            old = e->users == 0 ? e : NULL;
+        }
+        e = NULL;
+        st = eph_new(p11, &e);
+        if (st == STEK_OK) {
+            e->users = 1;
+            e->retired = reuse_ms == 0;
+            if (!e->retired)
+                p11->eph = e;
+        }
+    }
+    pthread_mutex_unlock(&p11->eph_mu);
+    eph_close(p11, old);
+    if (st == STEK_OK)
+        *out = e;
+    return st;
+}
+
+/* `broken`: the HSM refused the key; it is not handed out again. */
+static void eph_release(stek_p11 *p11, p11_eph *e, bool broken)
+{
+    pthread_mutex_lock(&p11->eph_mu);
+    if (broken && p11->eph == e) {
+        p11->eph = NULL;
+        e->retired = true;
+    }
+    bool last = --e->users == 0 && e->retired;
+    pthread_mutex_unlock(&p11->eph_mu);
+    if (last)
+        eph_close(p11, e);
+}
+
+void p11_eph_forget(stek_p11 *p11)
+{
+    /* Under the write lock, so no build holds it; finalizing destroyed it. */
+    pthread_mutex_lock(&p11->eph_mu);
+    free(p11->eph);
+    p11->eph = NULL;
+    pthread_mutex_unlock(&p11->eph_mu);
+}
+
+void stek_p11_set_eph_reuse_ms(stek_p11 *p11, unsigned ms)
+{
+    if (p11 != NULL)
+        atomic_store(&p11->eph_reuse_ms, ms);
+}
+
+/* ---- wrapping -------------------------------------------------------------- */
+
 stek_status stek_p11_wrap_tickets(stek_p11 *p11, const char *group, uint32_t generation,
                                   const uint8_t *host_pub, size_t host_pub_len,
                                   const uint64_t *epochs, size_t n_epochs,
@@ -93,13 +235,29 @@ stek_status stek_p11_wrap_tickets(stek_p11 *p11, const char *group, uint32_t gen
     p11_sess s;
     STEK_GUARD(p11_sess_get(p11, &s));
     stek_status st = STEK_OK;
-    CK_OBJECT_HANDLE pub = CK_INVALID_HANDLE, priv = CK_INVALID_HANDLE;
+    p11_eph *eph = NULL;
     CK_OBJECT_HANDLE z = CK_INVALID_HANDLE, kek = CK_INVALID_HANDLE;
     CK_OBJECT_HANDLE *handles = NULL;
 
-    STEK_GUARD_GOTO(eph_keypair(&s, &pub, &priv));
-    STEK_GUARD_GOTO(p11_read_ec_point(&s, pub, hsm_pub));
-    STEK_GUARD_GOTO(derive_kek(&s, priv, host_pub, hsm_pub, group, generation, &z, &kek));
+    /*
+     * A shared key the HSM refuses (its session closed under us, say) is
+     * retired, and the set is built once more with a fresh key.
+     */
+    for (int attempt = 0;; attempt++) {
+        bool fresh = false;
+        STEK_GUARD_GOTO(eph_acquire(p11, &eph, &fresh));
+        memcpy(hsm_pub, eph->point, STEK_P256_POINT_BYTES);
+        st = derive_kek(&s, eph->priv, host_pub, hsm_pub, group, generation, &z, &kek);
+        if (st == STEK_OK)
+            break;
+        eph_release(p11, eph, true);
+        eph = NULL;
+        if (z != CK_INVALID_HANDLE)
+            STEK_IGNORE(p11_destroy(&s, z));
+        z = CK_INVALID_HANDLE;
+        if (fresh || attempt > 0 || st == STEK_ERR_HSM_UNAVAILABLE)
+            goto done;
+    }
 
     STEK_GUARD_GOTO(p11_tickets_resolve(&s, group, generation, epochs, n_epochs, &handles));
     for (size_t i = 0; i < n_epochs; i++) {
@@ -110,12 +268,14 @@ stek_status stek_p11_wrap_tickets(stek_p11 *p11, const char *group, uint32_t gen
     }
 done:
     p11_sess_note(&s, st);
-    /* Destroy the ephemeral objects now rather than at session close:
+    /* Destroy the per-host objects now rather than at session close:
      * pooled sessions live long. */
-    CK_OBJECT_HANDLE eph[] = {kek, z, priv, pub};
-    for (size_t i = 0; i < sizeof(eph) / sizeof(eph[0]); i++)
-        if (eph[i] != CK_INVALID_HANDLE)
-            STEK_IGNORE(p11_destroy(&s, eph[i]));
+    CK_OBJECT_HANDLE per_host[] = {kek, z};
+    for (size_t i = 0; i < sizeof(per_host) / sizeof(per_host[0]); i++)
+        if (per_host[i] != CK_INVALID_HANDLE)
+            STEK_IGNORE(p11_destroy(&s, per_host[i]));
+    if (eph != NULL)
+        eph_release(p11, eph, false);
     free(handles);
     return p11_sess_done(&s, st);
 }

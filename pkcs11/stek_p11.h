@@ -180,8 +180,17 @@ STEK_MUST_USE stek_status stek_p11_ticket_names(stek_p11 *p11, const char *group
 /* ------------------------------------------------------------------------
  * Per-host wrapping (kek.h): an HSM ephemeral P-256 key, ECDH with the
  * host's ephemeral point, the context-bound KEK, then AES-KWP per key.
- * The ephemeral objects are session objects destroyed before return.
+ * Z and the KEK are session objects destroyed before return; the ephemeral
+ * key is one too, destroyed before return or, when shared, once it is past
+ * its reuse window and its last set is built.
  */
+
+/*
+ * Lets the sets wrapped within `ms` of each other share one HSM ephemeral
+ * key (default 0: a fresh key per set). KEKs stay per host. Takes effect
+ * for the next key made; a NULL p11 is ignored.
+ */
+void stek_p11_set_eph_reuse_ms(stek_p11 *p11, unsigned ms);
 
 /*
  * Wraps K(g,n,epochs[i]) for i < n_epochs to host_pub. Writes the HSM's

@@ -20,6 +20,15 @@
 #include "stek_p11.h"
 
 #define STEKD_KEYSET_MAX_AGE_S 30
+
+/*
+ * How long sets built one after another may share the HSM ephemeral key
+ * (stek_p11_set_eph_reuse_ms). Each host still gets its own KEK: Z and the
+ * KEK's context both take the host's point. The window bounds how long the
+ * HSM holds a private key that, with a host's ephemeral key, opens its
+ * blobs; the host holds its own for hours.
+ */
+#define STEKD_HSM_EPH_REUSE_MS 1000
 #define STEK_SET_CONTEXT "stek-set-v1"
 
 typedef struct stekd_keyset {

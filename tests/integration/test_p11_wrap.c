@@ -6,7 +6,8 @@
  * HSM; it only sees what a host would see.
  *
  * Also: every kind of bad host point is refused before the HSM is touched,
- * and no ephemeral session object outlives a call.
+ * and no ephemeral session object outlives a call, or, when the ephemeral
+ * key is shared (stek_p11_set_eph_reuse_ms), its window.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -15,6 +16,8 @@
 
 #include <cmocka.h>
 
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -570,6 +573,244 @@ static void test_bad_args(void **state)
     stek_host_eph_free(h);
 }
 
+/* ---- the shared ephemeral key ------------------------------------------ */
+
+static unsigned long eph_made(void)
+{
+    return atomic_load(&p11->eph_generated);
+}
+
+static double ms_since(const struct timespec *t0)
+{
+    struct timespec now;
+    assert_int_equal(clock_gettime(CLOCK_MONOTONIC, &now), 0);
+    return (double)(now.tv_sec - t0->tv_sec) * 1e3 + (double)(now.tv_nsec - t0->tv_nsec) / 1e6;
+}
+
+/* Wraps K(FIRST_EPOCH + 4) to pub; writes the HSM point and the blob. */
+static void wrap_one(const uint8_t *pub, uint8_t hsm[STEK_P256_POINT_BYTES],
+                     uint8_t blob[1][STEK_WRAPPED_KEY_BYTES])
+{
+    const uint64_t e = FIRST_EPOCH + 4;
+    assert_status(
+        stek_p11_wrap_tickets(p11, GROUP, GEN, pub, STEK_P256_POINT_BYTES, &e, 1, hsm, blob),
+        STEK_OK);
+}
+
+/* Unwraps a blob as host h, expecting success, and returns the key. */
+static stek_secret *unwrap_ok(const stek_host_eph *h, const uint8_t *hsm,
+                              const uint8_t blob[1][STEK_WRAPPED_KEY_BYTES])
+{
+    stek_secret *k = NULL;
+    assert_status(host_unwrap(h, hsm, GROUP, GEN, blob[0], STEK_WRAPPED_KEY_BYTES, &k), STEK_OK);
+    return k;
+}
+
+/* Back to a key per set; the shared key is destroyed by the next wrap. */
+static void eph_reset(void)
+{
+    stek_p11_set_eph_reuse_ms(p11, 0);
+    uint8_t pub[STEK_P256_POINT_BYTES], hsm[STEK_P256_POINT_BYTES];
+    uint8_t blob[1][STEK_WRAPPED_KEY_BYTES];
+    stek_host_eph *h = host_new(pub);
+    wrap_one(pub, hsm, blob);
+    stek_host_eph_free(h);
+    assert_int_equal(session_objects(), 0);
+}
+
+static void test_shared_eph_two_hosts(void **state)
+{
+    (void)state;
+    stek_p11_set_eph_reuse_ms(p11, 60000);
+    uint8_t pub1[STEK_P256_POINT_BYTES], pub2[STEK_P256_POINT_BYTES];
+    uint8_t hsm1[STEK_P256_POINT_BYTES], hsm2[STEK_P256_POINT_BYTES];
+    uint8_t blob1[1][STEK_WRAPPED_KEY_BYTES], blob2[1][STEK_WRAPPED_KEY_BYTES];
+    stek_host_eph *h1 = host_new(pub1), *h2 = host_new(pub2);
+    unsigned long made = eph_made();
+
+    wrap_one(pub1, hsm1, blob1);
+    wrap_one(pub2, hsm2, blob2);
+    assert_int_equal(eph_made(), made + 1);
+    assert_memory_equal(hsm1, hsm2, sizeof(hsm1));
+    /* One HSM key, still a KEK per host: different blobs of the same key,
+     * each opened only by its own host. */
+    assert_memory_not_equal(blob1[0], blob2[0], STEK_WRAPPED_KEY_BYTES);
+    stek_secret *k1 = unwrap_ok(h1, hsm1, blob1), *k2 = unwrap_ok(h2, hsm2, blob2);
+    assert_memory_equal(stek_secret_cdata(k1), stek_secret_cdata(k2), STEK_TICKET_KEY_BYTES);
+    stek_secret *kx = NULL;
+    assert_status(host_unwrap(h1, hsm2, GROUP, GEN, blob2[0], STEK_WRAPPED_KEY_BYTES, &kx),
+                  STEK_ERR_VERIFY);
+    assert_null(kx);
+    /* Only the private half stays, and pooled sessions reach it. */
+    assert_int_equal(session_objects(), 1);
+
+    stek_secret_free(k1);
+    stek_secret_free(k2);
+    stek_host_eph_free(h1);
+    stek_host_eph_free(h2);
+    eph_reset();
+    assert_int_equal(eph_made(), made + 2);
+}
+
+static void test_shared_eph_window_ends(void **state)
+{
+    (void)state;
+    enum { WINDOW_MS = 500 };
+    stek_p11_set_eph_reuse_ms(p11, WINDOW_MS);
+    uint8_t pub[STEK_P256_POINT_BYTES], hsm_a[STEK_P256_POINT_BYTES];
+    uint8_t hsm_b[STEK_P256_POINT_BYTES], hsm_c[STEK_P256_POINT_BYTES];
+    uint8_t blob[1][STEK_WRAPPED_KEY_BYTES];
+    stek_host_eph *h = host_new(pub);
+    unsigned long made = eph_made();
+
+    struct timespec t0;
+    assert_int_equal(clock_gettime(CLOCK_MONOTONIC, &t0), 0);
+    wrap_one(pub, hsm_a, blob);
+    wrap_one(pub, hsm_b, blob);
+    /* Two wraps take milliseconds, even under ASan; a slower machine fails
+     * here rather than passing wrongly. */
+    assert_true(ms_since(&t0) < WINDOW_MS);
+    assert_memory_equal(hsm_a, hsm_b, sizeof(hsm_a));
+    assert_int_equal(eph_made(), made + 1);
+
+    /* Past the window: a new key, and the old one is destroyed. */
+    struct timespec pause = {0, 50 * 1000000L};
+    while (ms_since(&t0) <= WINDOW_MS + 10)
+        nanosleep(&pause, NULL);
+    wrap_one(pub, hsm_c, blob);
+    assert_memory_not_equal(hsm_a, hsm_c, sizeof(hsm_a));
+    assert_int_equal(eph_made(), made + 2);
+    assert_int_equal(session_objects(), 1);
+    stek_secret_free(unwrap_ok(h, hsm_c, blob));
+
+    stek_host_eph_free(h);
+    eph_reset();
+}
+
+/* Destroys every session private key this process has: the shared one. */
+static void destroy_eph_behind_the_layer(void)
+{
+    CK_BBOOL no = CK_FALSE;
+    CK_OBJECT_CLASS cls = CKO_PRIVATE_KEY;
+    CK_ATTRIBUTE q[] = {{CKA_TOKEN, &no, sizeof(no)}, {CKA_CLASS, &cls, sizeof(cls)}};
+    p11_sess s;
+    assert_status(p11_sess_get(p11, &s), STEK_OK);
+    CK_OBJECT_HANDLE *objs = NULL;
+    size_t n = 0;
+    stek_status st = p11_find(&s, q, 2, &objs, &n);
+    assert_int_equal(n, 1);
+    for (size_t i = 0; st == STEK_OK && i < n; i++)
+        st = p11_destroy(&s, objs[i]);
+    free(objs);
+    assert_status(p11_sess_done(&s, st), STEK_OK);
+}
+
+/* The HSM refuses the shared key: the set is still built, with a fresh key,
+ * and the refused one is never used again. */
+static void test_shared_eph_refused(void **state)
+{
+    (void)state;
+    stek_p11_set_eph_reuse_ms(p11, 60000);
+    uint8_t pub[STEK_P256_POINT_BYTES], hsm_a[STEK_P256_POINT_BYTES];
+    uint8_t hsm_b[STEK_P256_POINT_BYTES], hsm_c[STEK_P256_POINT_BYTES];
+    uint8_t blob[1][STEK_WRAPPED_KEY_BYTES];
+    stek_host_eph *h = host_new(pub);
+    unsigned long made = eph_made();
+
+    wrap_one(pub, hsm_a, blob);
+    destroy_eph_behind_the_layer();
+    wrap_one(pub, hsm_b, blob);
+    assert_memory_not_equal(hsm_a, hsm_b, sizeof(hsm_a));
+    assert_int_equal(eph_made(), made + 2);
+    stek_secret_free(unwrap_ok(h, hsm_b, blob));
+    /* The replacement is shared in turn. */
+    wrap_one(pub, hsm_c, blob);
+    assert_memory_equal(hsm_b, hsm_c, sizeof(hsm_b));
+    assert_int_equal(eph_made(), made + 2);
+
+    stek_host_eph_free(h);
+    eph_reset();
+}
+
+/* A reconnect forgets the shared key (finalizing destroyed it) and the next
+ * set gets a fresh one. */
+static void test_shared_eph_after_reconnect(void **state)
+{
+    (void)state;
+    stek_p11_set_eph_reuse_ms(p11, 60000);
+    uint8_t pub[STEK_P256_POINT_BYTES], hsm_a[STEK_P256_POINT_BYTES];
+    uint8_t hsm_b[STEK_P256_POINT_BYTES];
+    uint8_t blob[1][STEK_WRAPPED_KEY_BYTES];
+    stek_host_eph *h = host_new(pub);
+
+    wrap_one(pub, hsm_a, blob);
+    unsigned long reconnects = atomic_load(&p11->reconnects);
+    atomic_store(&p11->lost, true);
+    /* Reconnects are spaced (RECONNECT_SPACING_MS): retry to a deadline. */
+    struct timespec t0, pause = {0, 50 * 1000000L};
+    assert_int_equal(clock_gettime(CLOCK_MONOTONIC, &t0), 0);
+    const uint64_t e = FIRST_EPOCH + 4;
+    stek_status st;
+    while ((st = stek_p11_wrap_tickets(p11, GROUP, GEN, pub, sizeof(pub), &e, 1, hsm_b, blob)) ==
+               STEK_ERR_HSM_UNAVAILABLE &&
+           ms_since(&t0) < 5000)
+        nanosleep(&pause, NULL);
+    assert_status(st, STEK_OK);
+    assert_int_equal(atomic_load(&p11->reconnects), reconnects + 1);
+    assert_memory_not_equal(hsm_a, hsm_b, sizeof(hsm_a));
+    stek_secret_free(unwrap_ok(h, hsm_b, blob));
+    assert_int_equal(session_objects(), 1);
+
+    stek_host_eph_free(h);
+    eph_reset();
+}
+
+enum { CONC_THREADS = 4, CONC_WRAPS = 8 };
+
+typedef struct conc_host {
+    pthread_t t;
+    stek_host_eph *h;
+    uint8_t pub[STEK_P256_POINT_BYTES];
+    uint8_t hsm[CONC_WRAPS][STEK_P256_POINT_BYTES];
+    uint8_t blobs[CONC_WRAPS][1][STEK_WRAPPED_KEY_BYTES];
+    stek_status st[CONC_WRAPS];
+} conc_host;
+
+static void *conc_wrap(void *arg)
+{
+    conc_host *c = arg;
+    const uint64_t e = FIRST_EPOCH + 4;
+    for (int i = 0; i < CONC_WRAPS; i++)
+        c->st[i] = stek_p11_wrap_tickets(p11, GROUP, GEN, c->pub, sizeof(c->pub), &e, 1, c->hsm[i],
+                                         c->blobs[i]);
+    return NULL;
+}
+
+/* Builds racing for the first key make exactly one, and all use it. */
+static void test_shared_eph_concurrent(void **state)
+{
+    (void)state;
+    stek_p11_set_eph_reuse_ms(p11, 60000);
+    static conc_host hosts[CONC_THREADS];
+    unsigned long made = eph_made();
+    for (int i = 0; i < CONC_THREADS; i++)
+        hosts[i].h = host_new(hosts[i].pub);
+    for (int i = 0; i < CONC_THREADS; i++)
+        assert_int_equal(pthread_create(&hosts[i].t, NULL, conc_wrap, &hosts[i]), 0);
+    for (int i = 0; i < CONC_THREADS; i++)
+        assert_int_equal(pthread_join(hosts[i].t, NULL), 0);
+    assert_int_equal(eph_made(), made + 1);
+    for (int i = 0; i < CONC_THREADS; i++) {
+        for (int j = 0; j < CONC_WRAPS; j++) {
+            assert_status(hosts[i].st[j], STEK_OK);
+            assert_memory_equal(hosts[i].hsm[j], hosts[0].hsm[0], STEK_P256_POINT_BYTES);
+            stek_secret_free(unwrap_ok(hosts[i].h, hosts[i].hsm[j], hosts[i].blobs[j]));
+        }
+        stek_host_eph_free(hosts[i].h);
+    }
+    eph_reset();
+}
+
 /* ---- throughput (printed, not asserted) ------------------------------ */
 
 static void test_wrap_throughput(void **state)
@@ -583,18 +824,22 @@ static void test_wrap_throughput(void **state)
     static uint8_t blobs[BENCH_EPOCHS][STEK_WRAPPED_KEY_BYTES];
     stek_host_eph *h = host_new(pub);
 
-    struct timespec t0, t1;
-    assert_int_equal(clock_gettime(CLOCK_MONOTONIC, &t0), 0);
-    for (int i = 0; i < BENCH_CALLS; i++)
-        assert_status(stek_p11_wrap_tickets(p11, GROUP, GEN, pub, sizeof(pub), epochs, BENCH_EPOCHS,
-                                            hsm, blobs),
-                      STEK_OK);
-    assert_int_equal(clock_gettime(CLOCK_MONOTONIC, &t1), 0);
-    double secs = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
-    printf("wrap: %.0f calls/s, %.0f keys/s (%d calls of %d epochs in %.3f s)\n",
-           BENCH_CALLS / secs, (double)BENCH_CALLS * BENCH_EPOCHS / secs, BENCH_CALLS, BENCH_EPOCHS,
-           secs);
-    fflush(stdout);
+    /* A fresh HSM ephemeral key per set, then one shared key (stekd's way). */
+    for (int shared = 0; shared < 2; shared++) {
+        stek_p11_set_eph_reuse_ms(p11, shared ? 60000 : 0);
+        struct timespec t0, t1;
+        assert_int_equal(clock_gettime(CLOCK_MONOTONIC, &t0), 0);
+        for (int i = 0; i < BENCH_CALLS; i++)
+            assert_status(stek_p11_wrap_tickets(p11, GROUP, GEN, pub, sizeof(pub), epochs,
+                                                BENCH_EPOCHS, hsm, blobs),
+                          STEK_OK);
+        assert_int_equal(clock_gettime(CLOCK_MONOTONIC, &t1), 0);
+        double secs = (double)(t1.tv_sec - t0.tv_sec) + (double)(t1.tv_nsec - t0.tv_nsec) / 1e9;
+        printf("wrap, %s: %.0f calls/s, %.0f keys/s (%d calls of %d epochs in %.3f s)\n",
+               shared ? "shared ephemeral key" : "ephemeral key per set", BENCH_CALLS / secs,
+               (double)BENCH_CALLS * BENCH_EPOCHS / secs, BENCH_CALLS, BENCH_EPOCHS, secs);
+        fflush(stdout);
+    }
 
     /* The last set is still a good one. */
     stek_secret *k = NULL;
@@ -602,18 +847,27 @@ static void test_wrap_throughput(void **state)
         host_unwrap(h, hsm, GROUP, GEN, blobs[BENCH_EPOCHS - 1], STEK_WRAPPED_KEY_BYTES, &k),
         STEK_OK);
     stek_secret_free(k);
-    assert_int_equal(session_objects(), 0);
     stek_host_eph_free(h);
+    eph_reset();
 }
 
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_round_trip_two_hosts), cmocka_unit_test(test_same_host_twice),
+        cmocka_unit_test(test_round_trip_two_hosts),
+        cmocka_unit_test(test_same_host_twice),
         cmocka_unit_test(test_ticket_names),
-        cmocka_unit_test(test_zero_epochs),          cmocka_unit_test(test_wrong_host_or_context),
-        cmocka_unit_test(test_tampered_blob),        cmocka_unit_test(test_bad_points),
-        cmocka_unit_test(test_missing_epoch),        cmocka_unit_test(test_bad_args),
+        cmocka_unit_test(test_zero_epochs),
+        cmocka_unit_test(test_wrong_host_or_context),
+        cmocka_unit_test(test_tampered_blob),
+        cmocka_unit_test(test_bad_points),
+        cmocka_unit_test(test_missing_epoch),
+        cmocka_unit_test(test_bad_args),
+        cmocka_unit_test(test_shared_eph_two_hosts),
+        cmocka_unit_test(test_shared_eph_window_ends),
+        cmocka_unit_test(test_shared_eph_refused),
+        cmocka_unit_test(test_shared_eph_after_reconnect),
+        cmocka_unit_test(test_shared_eph_concurrent),
         cmocka_unit_test(test_wrap_throughput),
     };
     return cmocka_run_group_tests(tests, group_setup, group_teardown);
