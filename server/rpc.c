@@ -77,6 +77,17 @@
  */
 #define TSI_MAX_FRAME_BYTES 8448
 
+/*
+ * Socket reads, when gRPC's tcp_read_chunks experiment is off (stekd.c turns
+ * it off on gRPC core 29): start at 1 KiB, then 256 bytes to 4 KiB as gRPC
+ * sees fit. A request is at most a few hundred bytes of protobuf in one or
+ * two TLS records; gRPC's defaults (8 KiB, up to 4 MiB) suit bulk streams.
+ * These arguments change nothing while the experiment is on.
+ */
+#define TCP_READ_CHUNK_BYTES 1024
+#define TCP_MIN_READ_CHUNK_BYTES 256
+#define TCP_MAX_READ_CHUNK_BYTES 4096
+
 typedef enum kind {
     K_NEW_GET,
     K_NEW_WATCH,
@@ -1102,7 +1113,7 @@ stek_status stekd_rpc_start(const stekd_handler *h, unsigned threads, stekd_rpc 
         grpc_shutdown();
         return st;
     }
-    grpc_arg args[3];
+    grpc_arg args[6];
     args[0].type = GRPC_ARG_INTEGER;
     args[0].key = (char *)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
     args[0].value.integer = (int)h->cfg->max_request_bytes;
@@ -1114,7 +1125,16 @@ stek_status stekd_rpc_start(const stekd_handler *h, unsigned threads, stekd_rpc 
     args[2].type = GRPC_ARG_INTEGER;
     args[2].key = (char *)GRPC_ARG_TSI_MAX_FRAME_SIZE;
     args[2].value.integer = TSI_MAX_FRAME_BYTES;
-    grpc_channel_args cargs = {3, args};
+    args[3].type = GRPC_ARG_INTEGER;
+    args[3].key = (char *)GRPC_ARG_TCP_READ_CHUNK_SIZE;
+    args[3].value.integer = TCP_READ_CHUNK_BYTES;
+    args[4].type = GRPC_ARG_INTEGER;
+    args[4].key = (char *)GRPC_ARG_TCP_MIN_READ_CHUNK_SIZE;
+    args[4].value.integer = TCP_MIN_READ_CHUNK_BYTES;
+    args[5].type = GRPC_ARG_INTEGER;
+    args[5].key = (char *)GRPC_ARG_TCP_MAX_READ_CHUNK_SIZE;
+    args[5].value.integer = TCP_MAX_READ_CHUNK_BYTES;
+    grpc_channel_args cargs = {sizeof(args) / sizeof(args[0]), args};
     r->server = grpc_server_create(&cargs, NULL);
     r->cq = grpc_completion_queue_create_for_next(NULL);
     grpc_server_register_completion_queue(r->server, r->cq, NULL);
