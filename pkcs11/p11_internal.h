@@ -42,12 +42,19 @@ struct stek_p11 {
     atomic_bool pin_rejected; /* latched: the PIN is never offered again */
 
     /*
-     * Serializes token-object writes (create, derive into, destroy) within
-     * this process: SoftHSM fails concurrent ones with CKR_GENERAL_ERROR
-     * (measured). They are a few per epoch; wraps and signing stay parallel.
-     * Lock order: obj_mu before mod_lock.
+     * Token objects: a call that writes them (create, derive into, destroy)
+     * holds this for writing, every other call for reading, from checkout
+     * to return. SoftHSM's file store locks object files with fcntl locks,
+     * which do not exclude threads of one process: a call reading an object
+     * file while another thread rewrites it can keep a partial copy for
+     * good. Measured: a new ticket key read as CKA_EXTRACTABLE=FALSE by
+     * every later C_WrapKey (about 1 build in 60 under a 20 ms ratchet),
+     * and concurrent writes failing with CKR_GENERAL_ERROR. Writes are a
+     * few per epoch and prefer over readers, so builds pause for
+     * milliseconds at a rotation. No call nests checkouts. Lock order:
+     * tok_lock before mod_lock.
      */
-    pthread_mutex_t obj_mu;
+    pthread_rwlock_t tok_lock;
 
     /* Session pool (pool_mu), only used under the read lock. */
     pthread_mutex_t pool_mu;
@@ -80,7 +87,6 @@ typedef struct p11_sess {
     stek_p11 *p11;
     CK_SESSION_HANDLE h;
     bool bad;    /* close instead of returning to the pool */
-    bool writer; /* holds obj_mu */
 } p11_sess;
 
 /*
@@ -115,7 +121,7 @@ STEK_MUST_USE stek_status p11_call_end(stek_p11 *p11, const char *call, CK_RV rv
  */
 STEK_MUST_USE stek_status p11_sess_get(stek_p11 *p11, p11_sess *out);
 
-/* p11_sess_get for calls that write token objects: also holds obj_mu. */
+/* p11_sess_get for calls that write token objects: holds tok_lock for writing. */
 STEK_MUST_USE stek_status p11_sess_get_writer(stek_p11 *p11, p11_sess *out);
 
 /*

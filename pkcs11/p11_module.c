@@ -248,7 +248,12 @@ stek_status stek_p11_open(const stek_p11_config *cfg, stek_p11 **out)
     STEK_ENSURE(p11 != NULL, STEK_ERR_NOMEM);
     pthread_rwlock_init(&p11->mod_lock, NULL);
     pthread_mutex_init(&p11->pool_mu, NULL);
-    pthread_mutex_init(&p11->obj_mu, NULL);
+    pthread_rwlockattr_t ra;
+    pthread_rwlockattr_init(&ra);
+    /* A rotation's writes must not wait behind a steady stream of builds. */
+    pthread_rwlockattr_setkind_np(&ra, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&p11->tok_lock, &ra);
+    pthread_rwlockattr_destroy(&ra);
     pthread_mutex_init(&p11->eph_mu, NULL);
     pthread_cond_init(&p11->pool_cv, NULL);
     p11->pool_max = cfg->pool_size ? cfg->pool_size : DEFAULT_POOL;
@@ -303,7 +308,7 @@ void stek_p11_close(stek_p11 *p11)
     free(p11->so_pin_file);
     pthread_rwlock_destroy(&p11->mod_lock);
     pthread_mutex_destroy(&p11->pool_mu);
-    pthread_mutex_destroy(&p11->obj_mu);
+    pthread_rwlock_destroy(&p11->tok_lock);
     pthread_mutex_destroy(&p11->eph_mu);
     pthread_cond_destroy(&p11->pool_cv);
     free(p11);

@@ -88,8 +88,8 @@ done:;
     /* SoftHSM answers finds on a vanished token with nothing at all: an
      * empty result is only trusted once the token is known to be there. */
     if (st == STEK_OK && have == 0 && !p11_token_present(s))
-        st = stek_error_set(STEK_ERR_HSM_UNAVAILABLE, "token '%s' is not present",
-                            p11->token_label);
+        st =
+            stek_error_set(STEK_ERR_HSM_UNAVAILABLE, "token '%s' is not present", p11->token_label);
     p11_sess_note(s, st);
     if (st != STEK_OK) {
         free(all);

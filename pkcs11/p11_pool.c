@@ -2,7 +2,8 @@
  * The session pool. Sessions are opened on demand up to pool_max and reused;
  * a session that saw the token vanish is closed, not reused. Every checkout
  * holds the module read lock, so a reconnect (write lock) waits for calls in
- * flight and never finalizes the module under them.
+ * flight and never finalizes the module under them, and tok_lock, for reading
+ * or, for token-object writes, for writing (p11_internal.h).
  */
 #include <stdio.h>
 #include <time.h>
@@ -10,13 +11,11 @@
 #include "log.h"
 #include "p11_internal.h"
 
-stek_status p11_sess_get(stek_p11 *p11, p11_sess *out)
+/* A checkout under the tok_lock the caller holds. */
+static stek_status checkout(stek_p11 *p11, p11_sess *out)
 {
-    STEK_ENSURE_REF(p11);
-    STEK_ENSURE_REF(out);
     out->p11 = p11;
     out->bad = false;
-    out->writer = false;
     /* Two rounds: a lost handle gets one reconnect attempt per checkout. */
     for (int round = 0; round < 2; round++) {
         pthread_rwlock_rdlock(&p11->mod_lock);
@@ -57,17 +56,26 @@ stek_status p11_sess_get(stek_p11 *p11, p11_sess *out)
     return STEK_OK;
 }
 
+stek_status p11_sess_get(stek_p11 *p11, p11_sess *out)
+{
+    STEK_ENSURE_REF(p11);
+    STEK_ENSURE_REF(out);
+    pthread_rwlock_rdlock(&p11->tok_lock);
+    stek_status st = checkout(p11, out);
+    if (st != STEK_OK)
+        pthread_rwlock_unlock(&p11->tok_lock);
+    return st;
+}
+
 stek_status p11_sess_get_writer(stek_p11 *p11, p11_sess *out)
 {
     STEK_ENSURE_REF(p11);
-    pthread_mutex_lock(&p11->obj_mu);
-    stek_status st = p11_sess_get(p11, out);
-    if (st != STEK_OK) {
-        pthread_mutex_unlock(&p11->obj_mu);
-        return st;
-    }
-    out->writer = true;
-    return STEK_OK;
+    STEK_ENSURE_REF(out);
+    pthread_rwlock_wrlock(&p11->tok_lock);
+    stek_status st = checkout(p11, out);
+    if (st != STEK_OK)
+        pthread_rwlock_unlock(&p11->tok_lock);
+    return st;
 }
 
 bool p11_retry_backoff(int attempt)
@@ -122,7 +130,6 @@ stek_status p11_sess_done(p11_sess *s, stek_status st)
     pthread_cond_signal(&p11->pool_cv);
     pthread_mutex_unlock(&p11->pool_mu);
     pthread_rwlock_unlock(&p11->mod_lock);
-    if (s->writer)
-        pthread_mutex_unlock(&p11->obj_mu);
+    pthread_rwlock_unlock(&p11->tok_lock);
     return st;
 }

@@ -88,6 +88,12 @@
 #define TCP_MIN_READ_CHUNK_BYTES 256
 #define TCP_MAX_READ_CHUNK_BYTES 4096
 
+static grpc_arg int_arg(const char *key, int value)
+{
+    grpc_arg a = {.type = GRPC_ARG_INTEGER, .key = (char *)key, .value.integer = value};
+    return a;
+}
+
 typedef enum kind {
     K_NEW_GET,
     K_NEW_WATCH,
@@ -1113,27 +1119,16 @@ stek_status stekd_rpc_start(const stekd_handler *h, unsigned threads, stekd_rpc 
         grpc_shutdown();
         return st;
     }
-    grpc_arg args[6];
-    args[0].type = GRPC_ARG_INTEGER;
-    args[0].key = (char *)GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
-    args[0].value.integer = (int)h->cfg->max_request_bytes;
-    /* gRPC sets SO_REUSEPORT by default: a second stekd on the same port
-     * would start and silently share connections. One owner per port. */
-    args[1].type = GRPC_ARG_INTEGER;
-    args[1].key = (char *)GRPC_ARG_ALLOW_REUSEPORT;
-    args[1].value.integer = 0;
-    args[2].type = GRPC_ARG_INTEGER;
-    args[2].key = (char *)GRPC_ARG_TSI_MAX_FRAME_SIZE;
-    args[2].value.integer = TSI_MAX_FRAME_BYTES;
-    args[3].type = GRPC_ARG_INTEGER;
-    args[3].key = (char *)GRPC_ARG_TCP_READ_CHUNK_SIZE;
-    args[3].value.integer = TCP_READ_CHUNK_BYTES;
-    args[4].type = GRPC_ARG_INTEGER;
-    args[4].key = (char *)GRPC_ARG_TCP_MIN_READ_CHUNK_SIZE;
-    args[4].value.integer = TCP_MIN_READ_CHUNK_BYTES;
-    args[5].type = GRPC_ARG_INTEGER;
-    args[5].key = (char *)GRPC_ARG_TCP_MAX_READ_CHUNK_SIZE;
-    args[5].value.integer = TCP_MAX_READ_CHUNK_BYTES;
+    grpc_arg args[] = {
+        int_arg(GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH, (int)h->cfg->max_request_bytes),
+        /* gRPC sets SO_REUSEPORT by default: a second stekd on the same port
+         * would start and silently share connections. One owner per port. */
+        int_arg(GRPC_ARG_ALLOW_REUSEPORT, 0),
+        int_arg(GRPC_ARG_TSI_MAX_FRAME_SIZE, TSI_MAX_FRAME_BYTES),
+        int_arg(GRPC_ARG_TCP_READ_CHUNK_SIZE, TCP_READ_CHUNK_BYTES),
+        int_arg(GRPC_ARG_TCP_MIN_READ_CHUNK_SIZE, TCP_MIN_READ_CHUNK_BYTES),
+        int_arg(GRPC_ARG_TCP_MAX_READ_CHUNK_SIZE, TCP_MAX_READ_CHUNK_BYTES),
+    };
     grpc_channel_args cargs = {sizeof(args) / sizeof(args[0]), args};
     r->server = grpc_server_create(&cargs, NULL);
     r->cq = grpc_completion_queue_create_for_next(NULL);
