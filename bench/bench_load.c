@@ -55,6 +55,7 @@
 
 #include "accept.h"
 #include "fx_http.h"
+#include "bench_util.h"
 #include "fx_stekd.h"
 #include "hostwrap.h"
 #include "reqsig.h"
@@ -73,37 +74,6 @@
 #define WATCH "/stek.v1.KeyService/WatchKeySet"
 #define TARGET_P99_MS 1000.0
 #define TARGET_RSS_MIB 256.0
-
-static volatile sig_atomic_t stop_requested;
-
-static void on_signal(int sig)
-{
-    (void)sig;
-    stop_requested = 1;
-}
-
-static int64_t mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
-static int64_t real_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
-static int env_int(const char *name, int dflt, int lo, int hi)
-{
-    const char *v = getenv(name);
-    if (v == NULL || v[0] == '\0')
-        return dflt;
-    long n = strtol(v, NULL, 10);
-    return n < lo ? lo : n > hi ? hi : (int)n;
-}
 
 static void pause_ms(int ms)
 {
@@ -130,24 +100,6 @@ static long proc_status_kib(pid_t pid, const char *field)
         }
     fclose(f);
     return v;
-}
-
-static double proc_cpu_s(pid_t pid)
-{
-    char path[64], buf[1024];
-    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-    FILE *f = fopen(path, "r");
-    if (f == NULL)
-        return -1;
-    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
-    fclose(f);
-    buf[n] = '\0';
-    const char *p = strrchr(buf, ')');
-    unsigned long ut = 0, st = 0;
-    if (p == NULL ||
-        sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) != 2)
-        return -1;
-    return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
 }
 
 static int proc_fds(pid_t pid)
@@ -312,7 +264,7 @@ static void *make_hosts_main(void *arg)
     fleet *f = arg;
     for (;;) {
         size_t i = atomic_fetch_add(&f->next, 1);
-        if (i >= f->n || atomic_load(&f->failed) || stop_requested)
+        if (i >= f->n || atomic_load(&f->failed) || bench_stop_requested)
             return NULL;
         if (make_host(f, &f->hosts[i]) != 0) {
             fprintf(stderr, "bench: host %zu: certificate or request failed\n", i);
@@ -338,7 +290,7 @@ static int make_fleet(fleet *f)
         return -1;
     make_hosts_main(f);
     pthread_join(th, NULL);
-    return atomic_load(&f->failed) || stop_requested ? -1 : 0;
+    return atomic_load(&f->failed) || bench_stop_requested ? -1 : 0;
 }
 
 static void free_fleet(fleet *f)
@@ -540,7 +492,7 @@ static bool fetch_start(fetch_thread *t, grpc_completion_queue *cq, fcall *c, ho
 {
     memset(c, 0, sizeof(*c));
     c->h = h;
-    c->t0 = mono_ns();
+    c->t0 = bench_mono_ns();
     h->ch = open_channel(t->s, h);
     if (h->ch != NULL)
         c->call = new_call(h->ch, cq, GET, in_ms(CALL_TIMEOUT_MS));
@@ -581,7 +533,7 @@ static bool fetch_start(fetch_thread *t, grpc_completion_queue *cq, fcall *c, ho
 static void fetch_done(fetch_thread *t, fcall *c)
 {
     shared *s = t->s;
-    int64_t lat = mono_ns() - c->t0;
+    int64_t lat = bench_mono_ns() - c->t0;
     count_status(s, c->status);
     uint64_t cur = 0;
     if (c->status != GRPC_STATUS_OK) {
@@ -633,7 +585,7 @@ static void *fetch_main(void *arg)
             if (calls[i].busy)
                 continue;
             size_t k = atomic_fetch_add(t->next, 1);
-            if (k >= s->n_hosts || stop_requested) {
+            if (k >= s->n_hosts || bench_stop_requested) {
                 more = false;
                 break;
             }
@@ -768,11 +720,11 @@ static void watch_verify_next(watch_thread *t)
     t->q_head = (t->q_head + 1) % t->q_cap;
     t->q_len--;
     watcher *w = m.w;
-    int64_t v0 = mono_ns();
+    int64_t v0 = bench_mono_ns();
     uint64_t prev = atomic_load(&w->current), cur = 0;
     int r = accept_set(t->s, w->h, m.bb, prev, &cur);
     grpc_byte_buffer_destroy(m.bb);
-    int64_t now = m.at_ns + (mono_ns() - v0);
+    int64_t now = m.at_ns + (bench_mono_ns() - v0);
     if (r == 0) {
         w->beats++;
         return;
@@ -794,7 +746,7 @@ static void watch_received(watch_thread *t, watcher *w)
 {
     if (t->q_len == t->q_cap)
         watch_verify_next(t);
-    t->q[(t->q_head + t->q_len) % t->q_cap] = (received){w, w->recv, real_ns()};
+    t->q[(t->q_head + t->q_len) % t->q_cap] = (received){w, w->recv, bench_real_ns()};
     t->q_len++;
     w->recv = NULL;
 }
@@ -945,18 +897,13 @@ static double pct_ms(const int64_t *v, size_t n, int p)
 
 int main(void)
 {
-    const size_t n_hosts = (size_t)env_int("STEK_LOAD_HOSTS", 10000, 1, 100000);
-    const size_t n_watch = (size_t)env_int("STEK_LOAD_WATCHERS", 2000, 1, 20000);
-    const unsigned threads = (unsigned)env_int("STEK_LOAD_THREADS", 2, 1, MAX_THREADS);
-    const unsigned inflight = (unsigned)env_int("STEK_LOAD_INFLIGHT", 16, 1, 256);
-    const unsigned rotations = (unsigned)env_int("STEK_LOAD_ROTATIONS", 4, 1, 30);
+    const size_t n_hosts = (size_t)bench_env_int("STEK_LOAD_HOSTS", 10000, 1, 100000);
+    const size_t n_watch = (size_t)bench_env_int("STEK_LOAD_WATCHERS", 2000, 1, 20000);
+    const unsigned threads = (unsigned)bench_env_int("STEK_LOAD_THREADS", 2, 1, MAX_THREADS);
+    const unsigned inflight = (unsigned)bench_env_int("STEK_LOAD_INFLIGHT", 16, 1, 256);
+    const unsigned rotations = (unsigned)bench_env_int("STEK_LOAD_ROTATIONS", 4, 1, 30);
     setvbuf(stdout, NULL, _IOLBF, 0);
-    struct sigaction sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = on_signal;
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
-    signal(SIGPIPE, SIG_IGN);
+    bench_catch_signals();
     if (n_watch > n_hosts) {
         fprintf(stderr, "bench: more watchers than hosts\n");
         return 2;
@@ -1006,13 +953,13 @@ int main(void)
         goto done;
     }
 
-    int64_t t0 = mono_ns();
+    int64_t t0 = bench_mono_ns();
     f.d = &d;
     f.n = n_hosts;
     f.hosts = calloc(n_hosts, sizeof(*f.hosts));
     if (f.hosts == NULL || make_fleet(&f) != 0)
         goto done;
-    double gen_s = (double)(mono_ns() - t0) / 1e9;
+    double gen_s = (double)(bench_mono_ns() - t0) / 1e9;
     printf("bench: %zu certificates (%zu RSA-2048, %zu EC P-256) issued in-process by the fleet "
            "CA in %.1f s; keys shared: %d RSA and %d EC keys, each behind %zu certificates\n",
            n_hosts, (n_hosts + 1) / 2, n_hosts / 2, gen_s, KEYS_PER_TYPE, KEYS_PER_TYPE,
@@ -1035,8 +982,8 @@ int main(void)
     pthread_t th[MAX_THREADS];
     atomic_size_t next;
     atomic_init(&next, 0);
-    double cpu0 = proc_cpu_s(d.pid);
-    t0 = mono_ns();
+    double cpu0 = bench_proc_cpu_s(d.pid);
+    t0 = bench_mono_ns();
     for (unsigned i = 0; i < threads; i++) {
         ft[i] = (fetch_thread){.s = &s, .next = &next, .inflight = inflight};
         if (pthread_create(&th[i], NULL, fetch_main, &ft[i]) != 0) {
@@ -1046,8 +993,8 @@ int main(void)
     }
     for (unsigned i = 0; i < threads; i++)
         pthread_join(th[i], NULL);
-    double fetch_s = (double)(mono_ns() - t0) / 1e9;
-    double fetch_cpu = proc_cpu_s(d.pid) - cpu0;
+    double fetch_s = (double)(bench_mono_ns() - t0) / 1e9;
+    double fetch_cpu = bench_proc_cpu_s(d.pid) - cpu0;
     size_t n_lat = 0;
     long fetch_ok = 0, fetch_failed = 0;
     for (unsigned i = 0; i < threads; i++) {
@@ -1071,7 +1018,7 @@ int main(void)
     /* Phase 2: watch, on the first n_watch hosts' open connections. */
     uint64_t base_epoch = (uint64_t)time(NULL) / EPOCH_S;
     ws = calloc(n_watch, sizeof(*ws));
-    if (ws == NULL || stop_requested)
+    if (ws == NULL || bench_stop_requested)
         goto done;
     for (size_t i = 0; i < n_watch; i++) {
         ws[i].h = &f.hosts[i];
@@ -1091,7 +1038,7 @@ int main(void)
     size_t per = (n_watch + threads - 1) / threads;
     unsigned wthreads = 0;
     printf("bench: watch: opening %zu WatchKeySet streams\n", n_watch);
-    t0 = mono_ns();
+    t0 = bench_mono_ns();
     for (unsigned i = 0; i < threads && (size_t)i * per < n_watch; i++) {
         size_t from = (size_t)i * per, n = n_watch - from < per ? n_watch - from : per;
         wt[i] = (watch_thread){.s = &s,
@@ -1108,33 +1055,34 @@ int main(void)
         wthreads++;
     }
     /* Every watcher holds a first set (or the wait gives up). */
-    int64_t until = mono_ns() + 120 * 1000000000LL;
+    int64_t until = bench_mono_ns() + 120 * 1000000000LL;
     while ((size_t)(atomic_load(&established) + atomic_load(&ended)) < n_watch &&
-           mono_ns() < until && !stop_requested)
+           bench_mono_ns() < until && !bench_stop_requested)
         pause_ms(20);
-    double open_s = (double)(mono_ns() - t0) / 1e9;
+    double open_s = (double)(bench_mono_ns() - t0) / 1e9;
     size_t est = (size_t)atomic_load(&established);
     printf("bench: %zu/%zu streams hold a set after %.1f s (%ld ended); stekd holds %d fds\n", est,
            n_watch, open_s, atomic_load(&ended), proc_fds(d.pid));
     /* The rotations measured: the first boundary after every stream holds
      * a set, and the next ones. */
-    int64_t est_real = real_ns();
+    int64_t est_real = bench_real_ns();
     uint64_t e0 = (uint64_t)(est_real / 1000000000LL) / EPOCH_S + 1, e_last = e0 + rotations - 1;
-    double cpu_w0 = proc_cpu_s(d.pid);
-    int64_t w0 = mono_ns();
+    double cpu_w0 = bench_proc_cpu_s(d.pid);
+    int64_t w0 = bench_mono_ns();
     int max_fds = 0;
     if (est > 0) {
         /* Until every watcher holds the last measured epoch, or 60 s past
          * its boundary. */
         int64_t last_real = (int64_t)(e_last * EPOCH_S) * 1000000000LL + 60 * 1000000000LL;
-        while (holding_or_ended(ws, n_watch, e_last) < n_watch && real_ns() < last_real &&
-               !stop_requested) {
+        while (holding_or_ended(ws, n_watch, e_last) < n_watch && bench_real_ns() < last_real &&
+               !bench_stop_requested) {
             int fds = proc_fds(d.pid);
             max_fds = fds > max_fds ? fds : max_fds;
             pause_ms(50);
         }
     }
-    double watch_cpu = proc_cpu_s(d.pid) - cpu_w0, watch_s = (double)(mono_ns() - w0) / 1e9;
+    double watch_cpu = bench_proc_cpu_s(d.pid) - cpu_w0,
+           watch_s = (double)(bench_mono_ns() - w0) / 1e9;
     long hwm_kib = proc_status_kib(d.pid, "VmHWM:"), rss_kib = proc_status_kib(d.pid, "VmRSS:");
     long threads_stekd = proc_status_kib(d.pid, "Threads:");
     atomic_store(&stop, true);

@@ -57,6 +57,7 @@
 #include <openssl/rand.h>
 #include <openssl/ssl.h>
 
+#include "bench_util.h"
 #include "fx_stekd.h"
 #include "stek/stek.h"
 
@@ -71,36 +72,12 @@
 #define SID_CTX_LABEL "stek-sid-v1" /* stek.h: SHA-256("stek-sid-v1" || group) */
 #define TICKET_KEYS_BYTES 80        /* name 16, HMAC 32, AES 32 */
 
-static volatile sig_atomic_t stop_requested;
-
-static void on_signal(int sig)
-{
-    (void)sig;
-    stop_requested = 1;
-}
-
-static int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
 static void sleep_ns(int64_t d)
 {
     if (d <= 0)
         return;
     struct timespec ts = {(time_t)(d / 1000000000LL), (long)(d % 1000000000LL)};
     nanosleep(&ts, NULL);
-}
-
-static int env_int(const char *name, int dflt, int lo, int hi)
-{
-    const char *v = getenv(name);
-    if (v == NULL || v[0] == '\0')
-        return dflt;
-    long n = strtol(v, NULL, 10);
-    return n < lo ? lo : n > hi ? hi : (int)n;
 }
 
 /* ---- CPU that other processes take --------------------------------------------------- */
@@ -121,29 +98,10 @@ static double machine_busy_s(void)
     return (double)(v[0] + v[1] + v[2] + v[5] + v[6] + v[7]) / (double)sysconf(_SC_CLK_TCK);
 }
 
-/* CPU seconds (user + system) of a process, from /proc; -1 if unknown. */
-static double proc_cpu_s(pid_t pid)
-{
-    char path[64], buf[1024];
-    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-    FILE *f = fopen(path, "r");
-    if (f == NULL)
-        return -1;
-    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
-    fclose(f);
-    buf[n] = '\0';
-    const char *p = strrchr(buf, ')'); /* the command name may hold spaces */
-    unsigned long ut = 0, st = 0;
-    if (p == NULL ||
-        sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) != 2)
-        return -1;
-    return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
-}
-
 /* Busy CPU of the machine not spent by this process or stekd. */
 static double others_cpu_s(pid_t stekd)
 {
-    double m = machine_busy_s(), me = proc_cpu_s(getpid()), d = proc_cpu_s(stekd);
+    double m = machine_busy_s(), me = bench_proc_cpu_s(getpid()), d = bench_proc_cpu_s(stekd);
     return m < 0 || me < 0 || d < 0 ? -1 : m - me - d;
 }
 
@@ -186,9 +144,9 @@ static bool want_more(SSL *s, int rc)
 static hs_result handshake(SSL_CTX *sctx, SSL_CTX *cctx, SSL_SESSION **sess)
 {
     hs_result out = {0};
-    int64_t t = now_ns();
+    int64_t t = bench_mono_ns();
     SSL *s = SSL_new(sctx);
-    int64_t srv = now_ns() - t;
+    int64_t srv = bench_mono_ns() - t;
     SSL *c = SSL_new(cctx);
     BIO *bs = NULL, *bc = NULL;
     if (s == NULL || c == NULL || BIO_new_bio_pair(&bs, 0, &bc, 0) != 1)
@@ -209,9 +167,9 @@ static hs_result handshake(SSL_CTX *sctx, SSL_CTX *cctx, SSL_SESSION **sess)
                 break;
         }
         if (!sdone) {
-            t = now_ns();
+            t = bench_mono_ns();
             int rs = SSL_do_handshake(s);
-            srv += now_ns() - t;
+            srv += bench_mono_ns() - t;
             if (rs == 1)
                 sdone = true;
             else if (!want_more(s, rs))
@@ -240,15 +198,15 @@ static hs_result handshake(SSL_CTX *sctx, SSL_CTX *cctx, SSL_SESSION **sess)
     /* close_notify both ways: a connection freed without it marks its
      * session not resumable (ssl_clear_bad_session). */
     (void)SSL_shutdown(c);
-    t = now_ns();
+    t = bench_mono_ns();
     (void)SSL_shutdown(s);
-    srv += now_ns() - t;
+    srv += bench_mono_ns() - t;
     out.ok = true;
 done:
     SSL_free(c);
-    t = now_ns();
+    t = bench_mono_ns();
     SSL_free(s);
-    out.srv_ns = srv + (now_ns() - t);
+    out.srv_ns = srv + (bench_mono_ns() - t);
     return out;
 }
 
@@ -304,8 +262,8 @@ static void *worker(void *arg)
     }
     pthread_barrier_wait(&r->go);
     int64_t span0 = 0, wait0 = -1;
-    while (!stop_requested && !atomic_load(&r->setup_failed) && t->failed < MAX_FAILED) {
-        int64_t start = now_ns();
+    while (!bench_stop_requested && !atomic_load(&r->setup_failed) && t->failed < MAX_FAILED) {
+        int64_t start = bench_mono_ns();
         if (start >= r->end_ns)
             break;
         if (span0 == 0 && start >= r->measure_ns) {
@@ -313,7 +271,7 @@ static void *worker(void *arg)
             wait0 = runqueue_wait_ns();
         }
         hs_result h = handshake(r->sctx, cctx, &sess);
-        int64_t done = now_ns();
+        int64_t done = bench_mono_ns();
         if (!h.ok) {
             if (t->failed++ == 0)
                 ERR_print_errors_fp(stderr);
@@ -333,7 +291,7 @@ static void *worker(void *arg)
     }
     if (span0 != 0) {
         int64_t wait1 = runqueue_wait_ns();
-        t->span_ns = now_ns() - span0;
+        t->span_ns = bench_mono_ns() - span0;
         t->wait_ns = wait0 >= 0 && wait1 >= wait0 ? wait1 - wait0 : -1;
     }
     SSL_SESSION_free(sess);
@@ -380,19 +338,19 @@ static int run_once(stek_client *sc, pid_t stekd, SSL_CTX *sctx, int version, un
     }
     /* Set before the barrier, which publishes it to the threads; the
      * warm-up also covers their first (full) handshakes. */
-    r.measure_ns = now_ns() + (int64_t)warmup_ms * 1000000LL;
+    r.measure_ns = bench_mono_ns() + (int64_t)warmup_ms * 1000000LL;
     r.end_ns = r.measure_ns + (int64_t)run_ms * 1000000LL;
     pthread_barrier_wait(&r.go);
     stek_counters k;
     uint64_t epoch = stek_client_get_counters(sc, &k) == STEK_RESULT_OK ? k.current_epoch : 0;
     double others0 = -1;
-    for (int64_t t = now_ns(); t < r.end_ns && !stop_requested; t = now_ns()) {
+    for (int64_t t = bench_mono_ns(); t < r.end_ns && !bench_stop_requested; t = bench_mono_ns()) {
         int64_t next = t < r.measure_ns ? r.measure_ns : r.end_ns;
         sleep_ns(next - t < MONITOR_MS * 1000000LL ? next - t : MONITOR_MS * 1000000LL);
-        if (others0 < 0 && now_ns() >= r.measure_ns)
+        if (others0 < 0 && bench_mono_ns() >= r.measure_ns)
             others0 = others_cpu_s(stekd);
         if (stek_client_get_counters(sc, &k) == STEK_RESULT_OK && k.current_epoch != epoch) {
-            if (now_ns() >= r.measure_ns)
+            if (bench_mono_ns() >= r.measure_ns)
                 out->rotations++;
             epoch = k.current_epoch;
         }
@@ -523,18 +481,13 @@ typedef struct cell {
 
 int main(void)
 {
-    const int warmup_ms = env_int("STEK_BENCH_WARMUP_MS", 300, 0, 60000);
-    const int run_ms = env_int("STEK_BENCH_RUN_MS", 3000, 100, 120000);
-    const int rounds = env_int("STEK_BENCH_ROUNDS", 3, 1, MAX_ROUNDS);
+    const int warmup_ms = bench_env_int("STEK_BENCH_WARMUP_MS", 300, 0, 60000);
+    const int run_ms = bench_env_int("STEK_BENCH_RUN_MS", 3000, 100, 120000);
+    const int rounds = bench_env_int("STEK_BENCH_ROUNDS", 3, 1, MAX_ROUNDS);
     const double target = 0.98;
     setvbuf(stdout, NULL, _IOLBF, 0);
 
-    struct sigaction sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = on_signal;
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
-    signal(SIGPIPE, SIG_IGN);
+    bench_catch_signals();
 
     static const fx_stekd_group groups[] = {{GROUP, {"uri:spiffe://fleet/bench/*", NULL}}};
     static fx_stekd d;
@@ -593,13 +546,13 @@ int main(void)
 
     printf("bench: %d round(s) of %d ms (+%d ms warm-up) per run, A/B interleaved\n", rounds,
            run_ms, warmup_ms);
-    for (int c = 0; c < 4 && !stop_requested; c++) {
+    for (int c = 0; c < 4 && !bench_stop_requested; c++) {
         cell *ce = &cells[c];
         if (!ce->selected)
             continue;
-        for (int r = 0; r < rounds && !stop_requested; r++) {
+        for (int r = 0; r < rounds && !bench_stop_requested; r++) {
             /* A B, then B A: a slow drift of the machine favours neither. */
-            for (int j = 0; j < IMPLS && !stop_requested; j++) {
+            for (int j = 0; j < IMPLS && !bench_stop_requested; j++) {
                 int impl = (r % 2 == 0) ? j : IMPLS - 1 - j;
                 failures += run_once(sc, d.pid, ctx[impl], ce->version, ce->threads, warmup_ms,
                                      run_ms, &ce->f[impl][r]) != 0;
@@ -621,7 +574,7 @@ int main(void)
            "libstek/s", "ratio", "loop b-in", "loop stek", "loop r", "full", "new tickets", "rot");
     double min_ratio = 1e9, others = 0, others_max = 0, waited = 0, waited_max = 0;
     int others_n = 0, runs = 0;
-    for (int c = 0; c < 4 && !stop_requested; c++) {
+    for (int c = 0; c < 4 && !bench_stop_requested; c++) {
         const cell *ce = &cells[c];
         if (!ce->selected)
             continue;
@@ -702,10 +655,10 @@ int main(void)
                100.0 * waited_max,
                others_max / cap > 0.05 ? ": the figures are noisy, rerun on a quiet machine" : "");
     }
-    if (!stop_requested)
+    if (!bench_stop_requested)
         printf("minimum ratio %.3f (target >= %.2f: %s)\n", min_ratio, target,
                min_ratio >= target ? "met" : "MISSED");
-    rc = failures == 0 && !stop_requested ? 0 : 1;
+    rc = failures == 0 && !bench_stop_requested ? 0 : 1;
 
 done:
     if (rc != 0 && d.log_path[0] != '\0') {

@@ -46,6 +46,7 @@
 #include <openssl/rand.h>
 
 #include "fx_grpc.h"
+#include "bench_util.h"
 #include "fx_stekd.h"
 #include "hostwrap.h"
 #include "stek/v1/stek.pb-c.h"
@@ -69,61 +70,18 @@
 #define MAX_ERRORS 100 /* per phase: stop early rather than spin on a broken server */
 #define CHILD_WAIT_MS 120000
 
-static volatile sig_atomic_t stop_requested;
-
-static void on_signal(int sig)
-{
-    (void)sig;
-    stop_requested = 1;
-}
-
-static int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
 static void sleep_until(int64_t t)
 {
     for (;;) {
-        int64_t d = t - now_ns();
-        if (d <= 0 || stop_requested)
+        int64_t d = t - bench_mono_ns();
+        if (d <= 0 || bench_stop_requested)
             return;
         struct timespec ts = {(time_t)(d / 1000000000LL), (long)(d % 1000000000LL)};
         nanosleep(&ts, NULL);
     }
 }
 
-static int env_int(const char *name, int dflt, int lo, int hi)
-{
-    const char *v = getenv(name);
-    if (v == NULL || v[0] == '\0')
-        return dflt;
-    long n = strtol(v, NULL, 10);
-    return n < lo ? lo : n > hi ? hi : (int)n;
-}
-
 /* ---- CPU accounting ----------------------------------------------------- */
-
-/* CPU seconds (user + system) of another process, from /proc; -1 if unknown. */
-static double proc_cpu_s(pid_t pid)
-{
-    char path[64], buf[1024];
-    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
-    FILE *f = fopen(path, "r");
-    if (f == NULL)
-        return -1;
-    size_t n = fread(buf, 1, sizeof(buf) - 1, f);
-    fclose(f);
-    buf[n] = '\0';
-    const char *p = strrchr(buf, ')'); /* the command name may hold spaces */
-    unsigned long ut = 0, st = 0;
-    if (p == NULL ||
-        sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) != 2)
-        return -1;
-    return (double)(ut + st) / (double)sysconf(_SC_CLK_TCK);
-}
 
 static double self_cpu_s(void)
 {
@@ -193,12 +151,12 @@ static void *worker(void *arg)
     runner *r = w->r;
     samples *s = &r->s[w->t];
     pthread_barrier_wait(&r->go);
-    while (!stop_requested && atomic_load(&r->errors) < MAX_ERRORS) {
-        int64_t t0 = now_ns();
+    while (!bench_stop_requested && atomic_load(&r->errors) < MAX_ERRORS) {
+        int64_t t0 = bench_mono_ns();
         if (t0 >= r->end_ns)
             break;
         int rc = r->op(r, w->t);
-        int64_t t1 = now_ns();
+        int64_t t1 = bench_mono_ns();
         if (rc > 0) {
             long long zero = 0;
             atomic_compare_exchange_strong(&r->dry_ns, &zero, (long long)t0);
@@ -239,7 +197,7 @@ static int runner_run(runner *r, int warmup_ms, int run_ms, result *out)
     r->first_error[0] = '\0';
     memset(r->s, 0, sizeof(r->s));
     pthread_barrier_init(&r->go, NULL, r->threads + 1);
-    int64_t t = now_ns();
+    int64_t t = bench_mono_ns();
     r->measure_ns = t + (int64_t)warmup_ms * 1000000LL;
     r->end_ns = r->measure_ns + (int64_t)run_ms * 1000000LL;
     for (unsigned i = 0; i < r->threads; i++) {
@@ -256,9 +214,9 @@ static int runner_run(runner *r, int warmup_ms, int run_ms, result *out)
     }
     pthread_barrier_wait(&r->go);
     sleep_until(r->measure_ns);
-    double srv0 = r->server_pid ? proc_cpu_s(r->server_pid) : -1, cli0 = self_cpu_s();
+    double srv0 = r->server_pid ? bench_proc_cpu_s(r->server_pid) : -1, cli0 = self_cpu_s();
     sleep_until(r->end_ns);
-    double srv1 = r->server_pid ? proc_cpu_s(r->server_pid) : -1, cli1 = self_cpu_s();
+    double srv1 = r->server_pid ? bench_proc_cpu_s(r->server_pid) : -1, cli1 = self_cpu_s();
     for (unsigned i = 0; i < started; i++)
         pthread_join(th[i], NULL);
     pthread_barrier_destroy(&r->go);
@@ -400,11 +358,11 @@ static bool write_all(int fd, const void *p, size_t n)
 static bool read_all(int fd, void *p, size_t n, int timeout_ms)
 {
     uint8_t *b = p;
-    int64_t until = timeout_ms < 0 ? 0 : now_ns() + (int64_t)timeout_ms * 1000000LL;
+    int64_t until = timeout_ms < 0 ? 0 : bench_mono_ns() + (int64_t)timeout_ms * 1000000LL;
     while (n > 0) {
         int left = -1;
         if (timeout_ms >= 0) {
-            int64_t d = until - now_ns();
+            int64_t d = until - bench_mono_ns();
             if (d <= 0)
                 return false;
             left = (int)(d / 1000000LL) + 1;
@@ -533,7 +491,7 @@ typedef struct gen_arg {
 static void *gen_main(void *arg)
 {
     gen_arg *g = arg;
-    for (size_t i = 0; i < g->n && g->rc == 0 && !stop_requested; i++)
+    for (size_t i = 0; i < g->n && g->rc == 0 && !bench_stop_requested; i++)
         g->rc = make_request(g->key_path, &g->reqs[i]);
     return NULL;
 }
@@ -547,7 +505,7 @@ static int make_pool(const char *key_path, req *reqs, size_t n)
         return -1;
     gen_main(&b);
     pthread_join(th, NULL);
-    return a.rc == 0 && b.rc == 0 && !stop_requested ? 0 : -1;
+    return a.rc == 0 && b.rc == 0 && !bench_stop_requested ? 0 : -1;
 }
 
 /* Checks the first answer as a host would: a signed set of N_KEYS keys. */
@@ -625,18 +583,13 @@ enum { R_WARM, R_ECHO, R_COLD, R_RAW, R_KINDS };
 
 int main(void)
 {
-    const int warmup_ms = env_int("STEK_BENCH_WARMUP_MS", 1000, 0, 60000);
-    const int run_ms = env_int("STEK_BENCH_RUN_MS", 5000, 100, 120000);
-    const size_t pool_n = (size_t)env_int("STEK_BENCH_COLD_POOL", 12000, 100, 1000000);
+    const int warmup_ms = bench_env_int("STEK_BENCH_WARMUP_MS", 1000, 0, 60000);
+    const int run_ms = bench_env_int("STEK_BENCH_RUN_MS", 5000, 100, 120000);
+    const size_t pool_n = (size_t)bench_env_int("STEK_BENCH_COLD_POOL", 12000, 100, 1000000);
     const unsigned counts[2] = {MANY, 1};
     setvbuf(stdout, NULL, _IOLBF, 0);
 
-    struct sigaction sa;
-    memset(&sa, 0, sizeof(sa));
-    sa.sa_handler = on_signal;
-    sigaction(SIGINT, &sa, NULL);
-    sigaction(SIGTERM, &sa, NULL);
-    signal(SIGPIPE, SIG_IGN);
+    bench_catch_signals();
     if (setenv("STEKD_BENCH_ECHO", "1", 1) != 0)
         return 1;
 
@@ -725,7 +678,7 @@ int main(void)
         goto done;
 
     int failures = 0;
-    for (int c = 0; c < 2 && !stop_requested; c++) {
+    for (int c = 0; c < 2 && !bench_stop_requested; c++) {
         grpc_ctx warm = {.method = GET,
                          .ch = ch,
                          .fixed = fixed,
@@ -743,7 +696,7 @@ int main(void)
         failures += runner_run(&re, warmup_ms, run_ms, &res[R_ECHO][c]) != 0;
     }
     size_t used = 0;
-    for (int c = 0; c < 2 && !stop_requested; c++) {
+    for (int c = 0; c < 2 && !bench_stop_requested; c++) {
         /* Each cold phase gets its own part of the pool (2/3 for the busier
          * one): a request is never sent twice, so every call misses the
          * cache. */
@@ -766,7 +719,7 @@ int main(void)
         fprintf(stderr, "bench: stekd exited with %d\n", stekd_exit);
         failures++;
     }
-    if (!stop_requested) {
+    if (!bench_stop_requested) {
         printf("bench: raw HSM operations (PKCS#11 layer, second token)\n");
         /* Also 2 threads: as many as stekd's completion-queue threads
          * (fx_stekd starts it with --threads 2), the HSM's best case here. */
@@ -815,7 +768,7 @@ int main(void)
     print_row("raw HSM ops", 2, &res[R_RAW][2]);
     printf("srv us/op: stekd CPU per call (raw: the raw process per op); "
            "cli us/op: this process's CPU per call\n");
-    rc = failures == 0 && !stop_requested ? 0 : 1;
+    rc = failures == 0 && !bench_stop_requested ? 0 : 1;
 
 done:
     if (rc != 0 && d.log_path[0] != '\0') {
