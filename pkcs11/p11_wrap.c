@@ -211,6 +211,36 @@ void p11_eph_forget(stek_p11 *p11)
     pthread_mutex_unlock(&p11->eph_mu);
 }
 
+/* The current key if it is past its window (eph_mu held). */
+static bool eph_expired_locked(stek_p11 *p11)
+{
+    return p11->eph != NULL &&
+           elapsed_ms(&p11->eph->born) >= (long long)atomic_load(&p11->eph_reuse_ms);
+}
+
+void stek_p11_eph_sweep(stek_p11 *p11)
+{
+    if (p11 == NULL)
+        return;
+    pthread_mutex_lock(&p11->eph_mu);
+    bool due = eph_expired_locked(p11);
+    pthread_mutex_unlock(&p11->eph_mu);
+    p11_sess s;
+    /* A checkout holds the locks every C_* call needs. */
+    if (!due || p11_sess_get(p11, &s) != STEK_OK)
+        return;
+    p11_eph *old = NULL;
+    pthread_mutex_lock(&p11->eph_mu);
+    if (eph_expired_locked(p11)) {
+        p11->eph->retired = true;
+        old = p11->eph->users == 0 ? p11->eph : NULL;
+        p11->eph = NULL;
+    }
+    pthread_mutex_unlock(&p11->eph_mu);
+    eph_close(p11, old);
+    STEK_IGNORE(p11_sess_done(&s, STEK_OK));
+}
+
 void stek_p11_set_eph_reuse_ms(stek_p11 *p11, unsigned ms)
 {
     if (p11 != NULL)

@@ -193,6 +193,14 @@ STEK_MUST_USE stek_status stek_p11_ticket_names(stek_p11 *p11, const char *group
 void stek_p11_set_eph_reuse_ms(stek_p11 *p11, unsigned ms);
 
 /*
+ * Destroys the shared ephemeral key if it is past its window, now or, when
+ * a build still holds it, as that build ends. Without this the key would
+ * wait for the next build; call it every second or so. Does nothing while
+ * the HSM is unavailable (its key went with it). A NULL p11 is ignored.
+ */
+void stek_p11_eph_sweep(stek_p11 *p11);
+
+/*
  * Wraps K(g,n,epochs[i]) for i < n_epochs to host_pub. Writes the HSM's
  * ephemeral point to hsm_pub and each blob to blobs[i]. Returns STEK_OK;
  * STEK_ERR_BAD_POINT when host_pub is not an uncompressed P-256 point on

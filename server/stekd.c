@@ -40,6 +40,7 @@ enum { EXIT_USAGE = 2, EXIT_HSM = 3, EXIT_NET = 4 };
 
 typedef struct scheduler {
     stekd_state *state;
+    stek_p11 *p11;
     pthread_mutex_t mu;
     pthread_cond_t cv;
     bool stop;
@@ -49,7 +50,8 @@ typedef struct scheduler {
 /*
  * Refreshes every group right after each rotation (a few ms past the epoch
  * boundary), and at least every second so the HSM coming back or a clock
- * step is noticed promptly.
+ * step is noticed promptly. Each round also destroys the shared HSM
+ * ephemeral key once its window has passed, so an idle stekd keeps none.
  */
 static void *scheduler_main(void *arg)
 {
@@ -59,6 +61,7 @@ static void *scheduler_main(void *arg)
         pthread_mutex_unlock(&s->mu);
         int64_t now = stekd_now();
         int64_t next = stekd_state_refresh(s->state, now);
+        stek_p11_eph_sweep(s->p11);
         /* A refresh stuck in the HSM stops the pings: systemd restarts stekd. */
         if (s->watchdog)
             stekd_notify_watchdog();
@@ -350,6 +353,7 @@ int main(int argc, char **argv)
         stek_log(STEK_LOG_WARN, "stekd", "WatchdogSec=%lu ms: stekd pings about once a second",
                  watchdog_ms);
     sched.state = state;
+    sched.p11 = p11;
     pthread_mutex_init(&sched.mu, NULL);
     pthread_cond_init(&sched.cv, NULL);
     sched_started = pthread_create(&sched_thread, NULL, scheduler_main, &sched) == 0;

@@ -687,6 +687,44 @@ static void test_shared_eph_window_ends(void **state)
     eph_reset();
 }
 
+/* Past its window, the key is destroyed by the sweep alone: an idle service
+ * keeps no ephemeral private key. */
+static void test_shared_eph_swept(void **state)
+{
+    (void)state;
+    enum { WINDOW_MS = 300 };
+    stek_p11_set_eph_reuse_ms(p11, WINDOW_MS);
+    uint8_t pub[STEK_P256_POINT_BYTES], hsm_a[STEK_P256_POINT_BYTES];
+    uint8_t hsm_b[STEK_P256_POINT_BYTES];
+    uint8_t blob[1][STEK_WRAPPED_KEY_BYTES];
+    stek_host_eph *h = host_new(pub);
+    unsigned long made = eph_made();
+
+    struct timespec t0;
+    assert_int_equal(clock_gettime(CLOCK_MONOTONIC, &t0), 0);
+    wrap_one(pub, hsm_a, blob);
+    /* Within the window the sweep keeps it (a slower machine fails here
+     * rather than passing wrongly). */
+    stek_p11_eph_sweep(p11);
+    assert_true(ms_since(&t0) < WINDOW_MS);
+    assert_int_equal(session_objects(), 1);
+
+    struct timespec pause = {0, 50 * 1000000L};
+    while (ms_since(&t0) <= WINDOW_MS + 10)
+        nanosleep(&pause, NULL);
+    stek_p11_eph_sweep(p11);
+    assert_int_equal(session_objects(), 0);
+    assert_int_equal(eph_made(), made + 1);
+    /* The next set makes a new key. */
+    wrap_one(pub, hsm_b, blob);
+    assert_memory_not_equal(hsm_a, hsm_b, sizeof(hsm_a));
+    assert_int_equal(eph_made(), made + 2);
+    stek_p11_eph_sweep(NULL); /* ignored */
+
+    stek_host_eph_free(h);
+    eph_reset();
+}
+
 /* Destroys every session private key this process has: the shared one. */
 static void destroy_eph_behind_the_layer(void)
 {
@@ -964,6 +1002,7 @@ int main(void)
         cmocka_unit_test(test_bad_args),
         cmocka_unit_test(test_shared_eph_two_hosts),
         cmocka_unit_test(test_shared_eph_window_ends),
+        cmocka_unit_test(test_shared_eph_swept),
         cmocka_unit_test(test_shared_eph_refused),
         cmocka_unit_test(test_shared_eph_after_reconnect),
         cmocka_unit_test(test_shared_eph_concurrent),
