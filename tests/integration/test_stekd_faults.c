@@ -339,6 +339,8 @@ static void test_many_watchers_churn(void **state)
     }
     fprintf(stderr, "watchers: %d opened, %d survivors, %d saw the rotation\n", N, survivors,
             rotated);
+    if (rotated != survivors)
+        fx_stekd_log_tail(&d, 60);
     assert_int_equal(rotated, survivors);
     free(s);
     free(req);

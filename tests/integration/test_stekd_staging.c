@@ -154,15 +154,25 @@ static void watch_open(watch *w, host *h)
  * The next set on w (heartbeats skipped), accepted as libstek accepts it:
  * never older than the last one. Free with stek_accepted_set_free.
  */
+/* assert_true, with stekd's last log lines first when it fails: these
+ * checks are about timing, and the log says what stekd was doing. */
+#define assert_or_tail(cond)                                                                       \
+    do {                                                                                           \
+        bool ok_ = (cond);                                                                         \
+        if (!ok_)                                                                                  \
+            fx_stekd_log_tail(&d, 60);                                                             \
+        assert_true(ok_);                                                                          \
+    } while (0)
+
 static stek_accepted_set *next_set(watch *w, int timeout_ms)
 {
     int64_t deadline = wall_ms() + timeout_ms;
     for (;;) {
         int64_t left = deadline - wall_ms();
-        assert_true(left > 0);
+        assert_or_tail(left > 0);
         uint8_t *msg = NULL;
         size_t len = 0;
-        assert_int_equal(fx_grpc_stream_read(w->s, (int)left, &msg, &len), 1);
+        assert_or_tail(fx_grpc_stream_read(w->s, (int)left, &msg, &len) == 1);
         stek_accept_ctx c = {.service_pubs = &service_key,
                              .n_service_pubs = 1,
                              .identity = w->h->identity,
@@ -214,10 +224,10 @@ static void test_rotation_sends_staged_set(void **state)
                 (long long)(arrived - start_ns / 1000000));
         assert_int_equal(set->current_epoch, e);
         /* Signed ahead, within the lead (issued_at has whole seconds). */
-        assert_true(set->issued_at < start_ns);
-        assert_true(set->issued_at >= start_ns - (LEAD_MS / 1000 + 1) * NS);
+        assert_or_tail(set->issued_at < start_ns);
+        assert_or_tail(set->issued_at >= start_ns - (LEAD_MS / 1000 + 1) * NS);
         /* Sent at the boundary: no HSM work between it and the host. */
-        assert_true(arrived - start_ns / 1000000 < 1000);
+        assert_or_tail(arrived - start_ns / 1000000 < 1000);
         /* current and next, and the key before as decrypt-only. */
         assert_int_equal(set->n_keys, 2 + LIFETIME_S / EPOCH_S);
         assert_int_equal(set->keys[set->n_keys - 1].epoch, e + 1);
@@ -306,8 +316,8 @@ static void test_rekey_drops_staged_set(void **state)
             (unsigned long long)set->generation, (unsigned long long)set->current_epoch,
             (long long)(arrived - rekey_at),
             (long long)((int64_t)(e + 1) * EPOCH_S * 1000 - arrived));
-    assert_int_equal(set->generation, 2);
-    assert_int_equal(set->current_epoch, e);
+    assert_or_tail(set->generation == 2);
+    assert_or_tail(set->current_epoch == e);
     assert_true(set->issued_at >= (rekey_at / 1000) * NS);
     stek_accepted_set_free(set);
     assert_true(scrape("stekd_watch_staged_sent_total") == sent_before);
