@@ -151,6 +151,28 @@ done:
     return STEK_OK;
 }
 
+/* The current key if it is past its window (eph_mu held). */
+static bool eph_expired_locked(stek_p11 *p11)
+{
+    return p11->eph != NULL &&
+           elapsed_ms(&p11->eph->born) >= (long long)atomic_load(&p11->eph_reuse_ms);
+}
+
+/*
+ * Hands out the current key no more (eph_mu held). Returns it when no build
+ * holds it, for the caller to close after unlocking; else its last build
+ * closes it (eph_release).
+ */
+static p11_eph *eph_retire_locked(stek_p11 *p11)
+{
+    p11_eph *e = p11->eph;
+    if (e == NULL)
+        return NULL;
+    p11->eph = NULL;
+    e->retired = true;
+    return e->users == 0 ? e : NULL;
+}
+
 /*
  * The current key if it is younger than eph_reuse_ms, else a new one
  * (*fresh). Made under eph_mu: a burst of builds at an epoch boundary makes
@@ -158,25 +180,19 @@ done:
  */
 static stek_status eph_acquire(stek_p11 *p11, p11_eph **out, bool *fresh)
 {
-    unsigned reuse_ms = atomic_load(&p11->eph_reuse_ms);
-    p11_eph *old = NULL;
+    p11_eph *old = NULL, *e = NULL;
     stek_status st = STEK_OK;
     pthread_mutex_lock(&p11->eph_mu);
-    p11_eph *e = p11->eph;
-    *fresh = !(e != NULL && elapsed_ms(&e->born) < (long long)reuse_ms);
+    *fresh = p11->eph == NULL || eph_expired_locked(p11);
     if (!*fresh) {
+        e = p11->eph;
         e->users++;
     } else {
-        if (e != NULL) {
-            p11->eph = NULL;
-            e->retired = true;
-            old = e->users == 0 ? e : NULL;
-        }
-        e = NULL;
+        old = eph_retire_locked(p11);
         st = eph_new(p11, &e);
         if (st == STEK_OK) {
             e->users = 1;
-            e->retired = reuse_ms == 0;
+            e->retired = atomic_load(&p11->eph_reuse_ms) == 0;
             if (!e->retired)
                 p11->eph = e;
         }
@@ -192,10 +208,8 @@ static stek_status eph_acquire(stek_p11 *p11, p11_eph **out, bool *fresh)
 static void eph_release(stek_p11 *p11, p11_eph *e, bool broken)
 {
     pthread_mutex_lock(&p11->eph_mu);
-    if (broken && p11->eph == e) {
-        p11->eph = NULL;
-        e->retired = true;
-    }
+    if (broken && p11->eph == e)
+        (void)eph_retire_locked(p11); /* NULL: this build still holds it */
     bool last = --e->users == 0 && e->retired;
     pthread_mutex_unlock(&p11->eph_mu);
     if (last)
@@ -211,13 +225,6 @@ void p11_eph_forget(stek_p11 *p11)
     pthread_mutex_unlock(&p11->eph_mu);
 }
 
-/* The current key if it is past its window (eph_mu held). */
-static bool eph_expired_locked(stek_p11 *p11)
-{
-    return p11->eph != NULL &&
-           elapsed_ms(&p11->eph->born) >= (long long)atomic_load(&p11->eph_reuse_ms);
-}
-
 void stek_p11_eph_sweep(stek_p11 *p11)
 {
     if (p11 == NULL)
@@ -229,13 +236,8 @@ void stek_p11_eph_sweep(stek_p11 *p11)
     /* A checkout holds the locks every C_* call needs. */
     if (!due || p11_sess_get(p11, &s) != STEK_OK)
         return;
-    p11_eph *old = NULL;
     pthread_mutex_lock(&p11->eph_mu);
-    if (eph_expired_locked(p11)) {
-        p11->eph->retired = true;
-        old = p11->eph->users == 0 ? p11->eph : NULL;
-        p11->eph = NULL;
-    }
+    p11_eph *old = eph_expired_locked(p11) ? eph_retire_locked(p11) : NULL;
     pthread_mutex_unlock(&p11->eph_mu);
     eph_close(p11, old);
     STEK_IGNORE(p11_sess_done(&s, STEK_OK));

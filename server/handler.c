@@ -232,6 +232,17 @@ grpc_status_code stekd_handle_validate(const stekd_handler *h, const stekd_peer 
     return code;
 }
 
+void stekd_reply_ok(const stekd_view *v, stekd_keyset *ks, stekd_reply *out)
+{
+    memset(out, 0, sizeof(*out));
+    out->code = GRPC_STATUS_OK;
+    out->ks = ks;
+    out->generation = v->generation;
+    out->epoch_first = v->keys[0].epoch;
+    out->epoch_last = v->keys[v->n_keys - 1].epoch;
+    out->epoch_current = v->epoch;
+}
+
 void stekd_handle_keyset(const stekd_handler *h, const stekd_request *req, stekd_reply *out,
                          uint64_t *version)
 {
@@ -251,11 +262,11 @@ void stekd_handle_keyset(const stekd_handler *h, const stekd_request *req, stekd
     stekd_keyset_req r = {req->identity, req->eph_pub, req->nonce, req->nonce_len};
     stek_status st = stekd_cache_get(h->cache, h->p11, v, &r, stekd_now(), &out->ks);
     /*
-     * A rotation publishes its view after destroying the keys that left the
-     * window, so a build that took the previous view just before can find
-     * its oldest key gone. That is not an error of the host's: build once
-     * more from the view published since (bench_load saw this about once
-     * per rotation, as INTERNAL to the host).
+     * A rotation destroys the keys that left the window right after it
+     * publishes the view without them, so a build that took the previous
+     * view just before can find its oldest key gone. That is not an error
+     * of the host's: build once more from the view published since
+     * (bench_load saw this about once per rotation, as INTERNAL to the host).
      */
     if (st == STEK_ERR_NOT_FOUND) {
         stekd_view *nv = stekd_state_view(h->state, req->group);
@@ -268,12 +279,8 @@ void stekd_handle_keyset(const stekd_handler *h, const stekd_request *req, stekd
         stekd_view_unref(nv);
     }
     if (st == STEK_OK) {
-        out->code = GRPC_STATUS_OK;
         /* The cache key includes the view version: the set holds exactly v's keys. */
-        out->generation = v->generation;
-        out->epoch_first = v->keys[0].epoch;
-        out->epoch_last = v->keys[v->n_keys - 1].epoch;
-        out->epoch_current = v->epoch;
+        stekd_reply_ok(v, out->ks, out);
         if (version)
             *version = v->version;
     } else {

@@ -109,6 +109,10 @@ grpc_status_code stekd_handle_validate(const stekd_handler *h, const stekd_peer 
 void stekd_handle_keyset(const stekd_handler *h, const stekd_request *req, stekd_reply *out,
                          uint64_t *version);
 
+/* Fills *out as the OK reply sending ks, a set built from v (takes the
+ * caller's reference to ks). */
+void stekd_reply_ok(const stekd_view *v, stekd_keyset *ks, stekd_reply *out);
+
 /*
  * Builds req's set from `staged` (a published view's staged view: what the
  * next epoch will serve) ahead of the boundary, for a watch stream to send

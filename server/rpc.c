@@ -674,17 +674,6 @@ done:
     in->call = NULL;
 }
 
-/* What rep says about a set built from v, for the audit log. */
-static void reply_of(const stekd_view *v, stekd_reply *rep)
-{
-    memset(rep, 0, sizeof(*rep));
-    rep->code = GRPC_STATUS_OK;
-    rep->generation = v->generation;
-    rep->epoch_first = v->keys[0].epoch;
-    rep->epoch_last = v->keys[v->n_keys - 1].epoch;
-    rep->epoch_current = v->epoch;
-}
-
 /*
  * Takes the watcher's staged set out (w->mu held): returned when it holds
  * exactly what v serves and is young enough to send, else dropped. Either
@@ -764,8 +753,7 @@ static void watcher_tick(stekd_rpc *r, watcher *w, int64_t now_ms, int64_t stage
         stekd_reply rep;
         uint64_t built = 0;
         if (ready != NULL) {
-            reply_of(v, &rep);
-            rep.ks = ready;
+            stekd_reply_ok(v, ready, &rep);
             built = v->version;
         } else {
             /* The HSM work happens outside the watcher's lock. */

@@ -85,6 +85,21 @@ static stekd_view *view_new(const stekd_group_cfg *cfg, size_t n_keys)
     return v;
 }
 
+/* An available view of generation n at epoch e serving keys[0..count). */
+static stekd_view *window_view(const stekd_group_cfg *cfg, uint32_t n, int64_t gen_start,
+                               uint64_t e, const stekd_key *keys, size_t count)
+{
+    stekd_view *v = view_new(cfg, count);
+    if (v == NULL)
+        return NULL;
+    v->available = true;
+    v->generation = n;
+    v->gen_start = gen_start;
+    v->epoch = e;
+    memcpy(v->keys, keys, count * sizeof(stekd_key));
+    return v;
+}
+
 stek_status stekd_state_new(const stekd_config *cfg, stek_p11 *p11, stekd_state **out)
 {
     STEK_ENSURE_REF(cfg);
@@ -476,15 +491,9 @@ static int64_t refresh_group(stekd_state *st, group_slot *g, int64_t now)
         return next;
     }
 
-    size_t count = (size_t)(last - first + 1);
-    stekd_view *v = view_new(cfg, count);
+    stekd_view *v = window_view(cfg, n, gen_start, e, g->names, (size_t)(last - first + 1));
     if (v == NULL)
         return next;
-    v->available = true;
-    v->generation = n;
-    v->gen_start = gen_start;
-    v->epoch = e;
-    memcpy(v->keys, g->names, count * sizeof(stekd_key));
     if (staged) {
         /* What epoch e+1 will publish: its window, from this one's first
          * key at the earliest (a seeded replica's), to K(e+2). */
@@ -492,15 +501,8 @@ static int64_t refresh_group(stekd_state *st, group_slot *g, int64_t now)
         stek_sched_window(s, e + 1, gen_first, &sfirst, &slast);
         if (sfirst < first)
             sfirst = first;
-        size_t scount = (size_t)(slast - sfirst + 1);
-        v->staged = view_new(cfg, scount);
-        if (v->staged != NULL) {
-            v->staged->available = true;
-            v->staged->generation = n;
-            v->staged->gen_start = gen_start;
-            v->staged->epoch = e + 1;
-            memcpy(v->staged->keys, g->names + (sfirst - first), scount * sizeof(stekd_key));
-        }
+        v->staged = window_view(cfg, n, gen_start, e + 1, g->names + (sfirst - first),
+                                (size_t)(slast - sfirst + 1));
     }
     publish(st, g, v);
 

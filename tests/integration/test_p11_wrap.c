@@ -587,6 +587,15 @@ static double ms_since(const struct timespec *t0)
     return (double)(now.tv_sec - t0->tv_sec) * 1e3 + (double)(now.tv_nsec - t0->tv_nsec) / 1e6;
 }
 
+/* Returns once more than ms have passed since t0 (a known deadline, not a
+ * guess at readiness). */
+static void wait_past(const struct timespec *t0, int ms)
+{
+    struct timespec pause = {0, 50 * 1000000L};
+    while (ms_since(t0) <= ms + 10)
+        nanosleep(&pause, NULL);
+}
+
 /* Wraps K(FIRST_EPOCH + 4) to pub; writes the HSM point and the blob. */
 static void wrap_one(const uint8_t *pub, uint8_t hsm[STEK_P256_POINT_BYTES],
                      uint8_t blob[1][STEK_WRAPPED_KEY_BYTES])
@@ -674,9 +683,7 @@ static void test_shared_eph_window_ends(void **state)
     assert_int_equal(eph_made(), made + 1);
 
     /* Past the window: a new key, and the old one is destroyed. */
-    struct timespec pause = {0, 50 * 1000000L};
-    while (ms_since(&t0) <= WINDOW_MS + 10)
-        nanosleep(&pause, NULL);
+    wait_past(&t0, WINDOW_MS);
     wrap_one(pub, hsm_c, blob);
     assert_memory_not_equal(hsm_a, hsm_c, sizeof(hsm_a));
     assert_int_equal(eph_made(), made + 2);
@@ -709,9 +716,7 @@ static void test_shared_eph_swept(void **state)
     assert_true(ms_since(&t0) < WINDOW_MS);
     assert_int_equal(session_objects(), 1);
 
-    struct timespec pause = {0, 50 * 1000000L};
-    while (ms_since(&t0) <= WINDOW_MS + 10)
-        nanosleep(&pause, NULL);
+    wait_past(&t0, WINDOW_MS);
     stek_p11_eph_sweep(p11);
     assert_int_equal(session_objects(), 0);
     assert_int_equal(eph_made(), made + 1);
